@@ -1,0 +1,54 @@
+"""PyServ: servlets for Python, with sessions managed for you.
+
+Public names: :class:`Servlet`, :class:`HTTPError`, :func:`cgimain`,
+:class:`Application` (the WSGI core) and :class:`AppSettings`. They are imported on first
+use, so a CGI process that only needs ``cgimain`` does not pay for the rest.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Application": "application",
+    "AppSettings": "application",
+    "HTTPError": "errors",
+    "Servlet": "servlet",
+    "ServletContext": "servlet",
+    "cgimain": "cgi",
+    "Request": "request",
+    "Response": "response",
+    "Session": "session",
+}
+__all__ = [
+    "AppSettings",
+    "Application",
+    "HTTPError",
+    "Request",
+    "Response",
+    "Servlet",
+    "ServletContext",
+    "Session",
+    "cgimain",
+]
+
+if TYPE_CHECKING:
+    from .application import Application, AppSettings
+    from .cgi import cgimain
+    from .errors import HTTPError
+    from .request import Request
+    from .response import Response
+    from .servlet import Servlet, ServletContext
+    from .session import Session
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyserv' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

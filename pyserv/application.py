@@ -1,0 +1,214 @@
+"""The WSGI application every deployment wraps: request → servlet → session → response.
+
+CGI, the FastCGI daemon, mod_fcgid and the development listener all call the same
+:class:`Application`, so no deployment mode has its own dispatch or session logic.
+
+Per request: decode the path, find the servlet, run it inside a :class:`SessionScope`,
+then save the session (only if modified) *before* anything is sent, so a response the
+client sees always reflects stored state. Any exception discards the session's changes
+and becomes an error page; a 500 page shows only the request id, the traceback goes to
+the ``pyserv.error`` log with that id.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from .dispatch import Dispatcher
+from .errors import HTTPError, error_response
+from .request import Request, RequestLimits
+from .response import Response
+from .secret import SecretError, load_or_create_secret
+from .servlet import ServletContext
+from .session import SessionInterface, SessionScope
+from .stores.base import (
+    Envelope,
+    SessionConflict,
+    SessionStore,
+    SessionValueError,
+    StoreUnavailable,
+)
+from .stores.file import FileStore
+
+log = logging.getLogger("pyserv.error")
+
+StartResponse = Callable[..., Callable[[bytes], object]]
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """One application's settings, validated by whoever builds them (config or cgimain)."""
+
+    name: str
+    module: str
+    session_dir: str
+    mount: str | None = None  # None: trust SCRIPT_NAME (CGI); else split the path here
+    session_timeout: int = 3600
+    session_cookie: str = "PYSERVSID"
+    secret_file: str | None = None  # None: <session_dir>/.secret
+    session_fsync: bool = False
+    session_lock_timeout: float = 10.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    @property
+    def secret_path(self) -> str:
+        return self.secret_file or os.path.join(self.session_dir, ".secret")
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+class Application:
+    """The WSGI callable for one servlet module. Thread-safe.
+
+    *store* defaults to a :class:`FileStore` on ``settings.session_dir`` whose secret is
+    read (or created) on first session use.
+    """
+
+    def __init__(
+        self,
+        settings: AppSettings,
+        *,
+        store: SessionStore | None = None,
+        module: ModuleType | None = None,
+    ) -> None:
+        self.settings = settings
+        self.module = module or importlib.import_module(settings.module)
+        self.context = ServletContext(
+            app_name=settings.name,
+            mount=settings.mount or "",
+            module=settings.module,
+            settings=asdict(settings),
+            log=logging.getLogger(f"pyserv.app.{settings.name}"),
+        )
+        self.dispatcher = Dispatcher(self.module, self.context)
+        if store is None:
+            envelope = Envelope(lambda: load_or_create_secret(settings.secret_path))
+            store = FileStore(settings.session_dir, envelope, fsync=settings.session_fsync)
+        self.store = store
+        self.sessions = SessionInterface(
+            store,
+            cookie_name=settings.session_cookie,
+            timeout=settings.session_timeout,
+            lock_timeout=settings.session_lock_timeout,
+        )
+        mount = (settings.mount or "").rstrip("/")
+        self._wsgi_mount = mount.encode("utf-8").decode("latin-1") if settings.mount else None
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        request_id = new_request_id()
+        environ.pop("HTTP_PROXY", None)  # httpoxy: a client's Proxy: header is not config
+        environ["pyserv.request_id"] = request_id
+        self._split_mount(environ)
+        request: Request | None = None
+        try:
+            request = Request(environ, self.settings.limits, request_id=request_id)
+            response = self._handle(request, start_response)
+        except HTTPError as exc:
+            response = exc.to_response(request_id)
+        try:
+            if response.streaming:
+                return []
+            body = response.body
+            if response.status in (204, 304):
+                body = b""
+            else:
+                response.headers.set("Content-Length", str(len(body)))
+            start_response(response.status_line, response.headers.items())
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+        finally:
+            if request is not None:
+                request.close()
+
+    def _split_mount(self, environ: dict[str, Any]) -> None:
+        """Derive SCRIPT_NAME/PATH_INFO from the mount when the server cannot.
+
+        mod_proxy_fcgi, for one, sends the whole path as SCRIPT_NAME and no PATH_INFO.
+        """
+        mount = self._wsgi_mount
+        if mount is None:
+            return
+        full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        if full == mount or full.startswith(mount + "/"):
+            environ["SCRIPT_NAME"], environ["PATH_INFO"] = mount, full[len(mount) :]
+
+    def _handle(self, request: Request, start_response: StartResponse) -> Response:
+        name, _, extra = request.path_info[1:].partition("/")
+        if not request.path_info.startswith("/"):
+            name = ""
+        try:
+            servlet = self.dispatcher.find(name)
+        except Exception:
+            log.exception("request %s: servlet %r failed to initialise", request.request_id, name)
+            return error_response(500, "", request.request_id)
+        if servlet is None:
+            raise HTTPError(404, "no such servlet")
+        request.servlet_name, request.extra_path = name, extra
+        response = Response()
+        with SessionScope(self.sessions, request) as scope:
+            response._start = lambda r: self._start_streaming(r, scope, request, start_response)
+            try:
+                servlet.run(request, response)
+            except HTTPError as exc:
+                if response.streaming:
+                    log.warning("request %s: %s after response.flush()", request.request_id, exc)
+                    return response
+                return exc.to_response(request.request_id)
+            except Exception:
+                log.exception("request %s: servlet %s raised", request.request_id, name)
+                return (
+                    response if response.streaming else error_response(500, "", request.request_id)
+                )
+            response = self._commit(scope, request, response)
+            if scope.opened is not None:
+                request.environ["pyserv.session"] = self.store.fingerprint(scope.opened.id)
+            return response
+
+    def _commit(self, scope: SessionScope, request: Request, response: Response) -> Response:
+        """Save the session into store and response; map store failures to error pages."""
+        request_id = request.request_id
+        deadline = request.environ.get("pyserv.deadline")
+        if deadline is not None and time.monotonic() > deadline:
+            log.error("request %s: past its deadline; session changes discarded", request_id)
+            return error_response(504, "the request took too long", request_id)
+        try:
+            scope.commit(response)
+        except (StoreUnavailable, SessionConflict) as exc:
+            log.error("request %s: session not saved: %s", request_id, exc)
+            return error_response(
+                503, "session storage unavailable, try again", request_id, [("Retry-After", "1")]
+            )
+        except (SessionValueError, SecretError) as exc:
+            log.error("request %s: session not saved: %s", request_id, exc)
+            return error_response(500, "", request_id)
+        return response
+
+    def _start_streaming(
+        self,
+        response: Response,
+        scope: SessionScope,
+        request: Request,
+        start_response: StartResponse,
+    ) -> Callable[[bytes], object]:
+        scope.commit(response)  # the cookie must go out with the headers, now
+        write = start_response(response.status_line, response.headers.items())
+        if request.method == "HEAD":
+            return lambda chunk: None
+        return write
+
+    def load_servlets(self) -> None:
+        """Create and init every servlet now; a daemon calls this before serving."""
+        self.dispatcher.load_all()
+
+    def close(self) -> None:
+        """Call every servlet's ``destroy()``; a daemon calls this at shutdown."""
+        self.dispatcher.destroy_all()

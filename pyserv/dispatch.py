@@ -1,0 +1,95 @@
+"""URL → servlet: which names are servlets, and one instance per servlet class.
+
+A name is a servlet if it matches ``^[A-Za-z][A-Za-z0-9_]*$`` and names a class defined
+in the app's module itself (``cls.__module__`` is that module) with a ``run`` method;
+if the module lists ``__servlets__``, only those names. Anything else — ``os``, ``sys``,
+functions, constants, imported classes, ``_private``, ``__class__`` — is not found.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from types import ModuleType
+from typing import Any
+
+from .servlet import ServletContext
+from .session import SessionAttribute
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_SESSION_ATTRIBUTE = SessionAttribute()
+
+
+class ServletSetupError(Exception):
+    """A servlet class cannot be used as written (the message says why)."""
+
+
+class Dispatcher:
+    """Finds servlets by name and keeps one long-lived instance of each. Thread-safe."""
+
+    def __init__(self, module: ModuleType, context: ServletContext) -> None:
+        self.module = module
+        self.context = context
+        self._instances: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._allowed = getattr(module, "__servlets__", None)
+
+    def servlet_class(self, name: str) -> type | None:
+        if not _NAME.match(name):
+            return None
+        if self._allowed is not None and name not in self._allowed:
+            return None
+        candidate = self.module.__dict__.get(name)
+        if (
+            isinstance(candidate, type)
+            and candidate.__module__ == self.module.__name__
+            and callable(getattr(candidate, "run", None))
+        ):
+            return candidate
+        return None
+
+    def servlet_names(self) -> list[str]:
+        return sorted(name for name in vars(self.module) if self.servlet_class(name))
+
+    def find(self, name: str) -> Any | None:
+        """The instance serving *name*, created (and ``init``-ed) on first use; or None."""
+        instance = self._instances.get(name)
+        if instance is not None:
+            return instance
+        cls = self.servlet_class(name)
+        if cls is None:
+            return None
+        with self._lock:
+            instance = self._instances.get(name)
+            if instance is None:
+                instance = self._instantiate(cls)
+                self._instances[name] = instance
+        return instance
+
+    def load_all(self) -> None:
+        """Create and ``init`` every servlet now (a daemon does this before serving)."""
+        for name in self.servlet_names():
+            self.find(name)
+
+    def destroy_all(self) -> None:
+        with self._lock:
+            instances, self._instances = list(self._instances.values()), {}
+        for instance in instances:
+            destroy = getattr(instance, "destroy", None)
+            if callable(destroy):
+                destroy()
+
+    def _instantiate(self, cls: type) -> Any:
+        attribute = cls.__dict__.get("session", None) or getattr(cls, "session", None)
+        if attribute is None:
+            cls.session = _SESSION_ATTRIBUTE  # plain classes get per-request self.session
+        elif not isinstance(attribute, SessionAttribute):
+            raise ServletSetupError(
+                f"{cls.__module__}.{cls.__qualname__} defines 'session' itself; "
+                "that name is reserved for the per-request session"
+            )
+        instance = cls()
+        init = getattr(instance, "init", None)
+        if callable(init):
+            init(self.context)
+        return instance

@@ -1,0 +1,1 @@
+"""Session stores: one module per backend behind :class:`~pyserv.stores.base.SessionStore`."""

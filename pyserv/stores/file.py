@@ -1,0 +1,395 @@
+"""The file store: one signed file per session, shared safely by many processes.
+
+The daemon's workers, mod_fcgid processes and CGI processes may all use one directory at
+once. Layout: ``DIR/ab/<id>.session`` (the envelope; its mtime is the last access),
+``DIR/ab/<id>.lock`` (a stable lock file), ``ab`` being the id's first two characters.
+
+- Writes go to a temp file in the same directory, then ``os.replace``: a reader sees the
+  old or the new file, never a torn one; a crash leaves at most a temp file.
+- Locking is a per-id in-process lock (threads queue without polling) plus ``flock`` on
+  the lock file, which ``os.replace`` never swaps out. A lock file is only unlinked by
+  its lock holder, and a locker re-checks after ``flock`` that the file it locked is
+  still the one at the path, so a deleted-and-recreated lock file cannot split the lock.
+- Nothing is created for an id that has no session file: unknown ids cost a ``stat``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import threading
+import time
+
+from .base import (
+    HEADER_SIZE,
+    BadEnvelope,
+    Envelope,
+    LockTimeout,
+    SessionConflict,
+    SessionLock,
+    SessionRecord,
+    SessionStore,
+    StoreUnavailable,
+    read_header,
+    valid_session_id,
+)
+
+log = logging.getLogger("pyserv.error")
+
+DATA_SUFFIX = ".session"
+LOCK_SUFFIX = ".lock"
+TEMP_SUFFIX = ".tmp"
+QUARANTINE = "quarantine"
+STALE_TEMP_SECONDS = 3600
+_UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class _KeyedLocks:
+    """Per-key thread locks that exist only while someone holds or waits for them."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._entries: dict[str, list] = {}  # key -> [lock, holders + waiters]
+
+    def acquire(self, key: str, timeout: float) -> bool:
+        with self._guard:
+            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        if entry[0].acquire(timeout=max(timeout, 0)):
+            return True
+        self._forget(key, entry)
+        return False
+
+    def release(self, key: str) -> None:
+        entry = self._entries[key]
+        entry[0].release()
+        self._forget(key, entry)
+
+    def _forget(self, key: str, entry: list) -> None:
+        with self._guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._entries[key]
+
+
+class _FileLock(SessionLock):
+    def __init__(self, keyed: _KeyedLocks, sid: str, fd: int) -> None:
+        self._keyed = keyed
+        self._sid = sid
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # drops the flock
+            self._keyed.release(self._sid)
+
+
+def _flock_until(fd: int, deadline: float) -> bool:
+    delay = 0.0005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, 0.01)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class FileStore(SessionStore):
+    """Sessions as files under *directory* (created 0700; files 0600).
+
+    *fsync* makes each save durable against power loss (fsync of file and directory),
+    at a cost per write; without it a save is atomic but may be lost in a power cut.
+    """
+
+    def __init__(self, directory: str, envelope: Envelope, *, fsync: bool = False) -> None:
+        self.directory = os.path.abspath(directory)
+        self.envelope = envelope
+        self._fsync = fsync
+        self._keyed = _KeyedLocks()
+
+    def _paths(self, sid: str) -> tuple[str, str, str]:
+        if not valid_session_id(sid):
+            raise ValueError("invalid session id")  # callers validate first; never reach disk
+        subdir = os.path.join(self.directory, sid[:2])
+        return (
+            subdir,
+            os.path.join(subdir, sid + DATA_SUFFIX),
+            os.path.join(subdir, sid + LOCK_SUFFIX),
+        )
+
+    def ensure_directory(self) -> None:
+        """Create the session directory (0700) if it does not exist."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot create session directory {self.directory!r}: {exc.strerror}"
+            ) from None
+
+    # -- locking ---------------------------------------------------------------------
+
+    def lock(self, sid: str, timeout: float) -> SessionLock | None:
+        return self._lock(sid, timeout)
+
+    def _lock(self, sid: str, timeout: float) -> _FileLock | None:
+        _, data_path, lock_path = self._paths(sid)
+        if not os.path.exists(data_path):
+            return None
+        deadline = time.monotonic() + timeout
+        if not self._keyed.acquire(sid, timeout):
+            raise LockTimeout(f"session locked for more than {timeout:g} s")
+        fd = None
+        try:
+            fd = self._flock_current(lock_path, data_path, deadline)
+        finally:
+            if fd is None:
+                self._keyed.release(sid)
+        return _FileLock(self._keyed, sid, fd) if fd is not None else None
+
+    @staticmethod
+    def _flock_current(lock_path: str, data_path: str, deadline: float) -> int | None:
+        """flock the file now at *lock_path*; None if the session is gone meanwhile."""
+        while True:
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # the whole subdirectory is gone
+                return None
+            if not _flock_until(fd, deadline):
+                os.close(fd)
+                raise LockTimeout("session locked by another request for too long")
+            try:
+                current = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                if os.path.exists(data_path):
+                    return fd
+                _unlink_quietly(lock_path)  # we hold it: an orphan lock file goes
+            os.close(fd)
+            if not os.path.exists(data_path):
+                return None
+
+    # -- records ---------------------------------------------------------------------
+
+    def load(self, sid: str, known: SessionRecord | None = None) -> SessionRecord | None:
+        _, data_path, _ = self._paths(sid)
+        now = time.time()
+        try:
+            stream = open(data_path, "rb")
+        except FileNotFoundError:
+            return None
+        with stream:
+            mtime = os.fstat(stream.fileno()).st_mtime
+            head = stream.read(HEADER_SIZE)
+            try:
+                header = read_header(head)
+            except BadEnvelope as exc:
+                self._quarantine(sid, data_path, str(exc))
+                return None
+            if now - mtime > header.timeout:
+                self.delete(sid)
+                return None
+            if known is not None and known.generation == header.generation:
+                os.utime(stream.fileno())
+                known.last_access = now
+                return known
+            blob = head + stream.read()
+            try:
+                header, data = self.envelope.open(sid, blob)
+            except BadEnvelope as exc:
+                self._quarantine(sid, data_path, str(exc))
+                return None
+            os.utime(stream.fileno())
+        return SessionRecord(
+            sid, data, header.generation, header.created, now, header.timeout, len(blob)
+        )
+
+    def save(self, record: SessionRecord, now: float) -> SessionRecord:
+        subdir, data_path, _ = self._paths(record.sid)
+        stored = self._stored_header(data_path)
+        if record.generation == 0:
+            if stored is not None:
+                raise SessionConflict("a session with this id already exists")
+        elif stored is None:
+            raise SessionConflict("the session expired or was invalidated")
+        else:
+            generation, mtime, timeout = stored
+            if generation != record.generation:
+                raise SessionConflict(
+                    f"stored generation {generation}, this request loaded {record.generation}"
+                )
+            if now - mtime > timeout:
+                raise SessionConflict("the session expired")
+        successor = record.successor(record.data, now)
+        blob = self.envelope.seal(successor)  # SessionValueError before touching the disk
+        self._write_atomic(subdir, data_path, blob)
+        successor.size = len(blob)
+        return successor
+
+    def delete(self, sid: str) -> None:
+        _, data_path, lock_path = self._paths(sid)
+        _unlink_quietly(data_path)
+        _unlink_quietly(lock_path)
+
+    def _stored_header(self, data_path: str) -> tuple[int, float, int] | None:
+        try:
+            with open(data_path, "rb") as stream:
+                mtime = os.fstat(stream.fileno()).st_mtime
+                header = read_header(stream.read(HEADER_SIZE))
+        except FileNotFoundError:
+            return None
+        except BadEnvelope:
+            raise SessionConflict("the stored session is corrupt") from None
+        return header.generation, mtime, header.timeout
+
+    def _write_atomic(self, subdir: str, data_path: str, blob: bytes) -> None:
+        temp = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        try:
+            os.makedirs(subdir, mode=0o700, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, data_path)
+            if self._fsync:
+                dir_fd = os.open(subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            _unlink_quietly(temp)
+            if exc.errno in _UNAVAILABLE:
+                raise StoreUnavailable(f"cannot write session: {exc.strerror}") from exc
+            raise
+
+    def _quarantine(self, sid: str, data_path: str, reason: str) -> None:
+        """Move a file that fails verification aside (never unpickled) and log it."""
+        target_dir = os.path.join(self.directory, QUARANTINE)
+        target = os.path.join(target_dir, f"{self.fingerprint(sid)}-{int(time.time())}")
+        try:
+            os.makedirs(target_dir, mode=0o700, exist_ok=True)
+            os.replace(data_path, target)
+        except OSError as exc:
+            log.warning(
+                "session %s failed verification (%s); cannot move it aside: %s",
+                self.fingerprint(sid),
+                reason,
+                exc.strerror,
+            )
+            return
+        log.warning(
+            "session %s failed verification (%s); moved to %s",
+            self.fingerprint(sid),
+            reason,
+            target,
+        )
+
+    # -- maintenance -----------------------------------------------------------------
+
+    def sweep(self, now: float) -> int:
+        """Remove expired sessions, stale temp files and orphan lock files.
+
+        Reads only headers and mtimes (never unpickles); a session locked by a request
+        is skipped. One sweeper at a time per directory (others return 0 at once).
+        """
+        try:
+            guard = os.open(
+                os.path.join(self.directory, ".sweep.lock"),
+                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                0o600,
+            )
+        except FileNotFoundError:
+            return 0
+        try:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            removed = 0
+            for subdir in os.scandir(self.directory):
+                if len(subdir.name) == 2 and subdir.is_dir(follow_symlinks=False):
+                    removed += self._sweep_subdir(subdir.path, now)
+            return removed
+        finally:
+            os.close(guard)
+
+    def _sweep_subdir(self, subdir: str, now: float) -> int:
+        removed = 0
+        for entry in os.scandir(subdir):
+            name = entry.name
+            try:
+                if name.endswith(DATA_SUFFIX):
+                    sid = name[: -len(DATA_SUFFIX)]
+                    if valid_session_id(sid) and self._expired_on_disk(entry.path, now):
+                        removed += self._remove_if_expired(sid, entry.path, now)
+                elif name.endswith(TEMP_SUFFIX):
+                    if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                        _unlink_quietly(entry.path)
+                elif name.endswith(LOCK_SUFFIX):
+                    sid = name[: -len(LOCK_SUFFIX)]
+                    if valid_session_id(sid) and not os.path.exists(
+                        os.path.join(subdir, sid + DATA_SUFFIX)
+                    ):
+                        self._remove_orphan_lock(entry.path)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile
+        return removed
+
+    @staticmethod
+    def _expired_on_disk(path: str, now: float) -> bool:
+        with open(path, "rb") as stream:
+            mtime = os.fstat(stream.fileno()).st_mtime
+            try:
+                header = read_header(stream.read(HEADER_SIZE))
+            except BadEnvelope:
+                return False  # left for `verify`, which quarantines
+        return now - mtime > header.timeout
+
+    def _remove_if_expired(self, sid: str, path: str, now: float) -> int:
+        try:
+            held = self._lock(sid, 0)
+        except LockTimeout:
+            return 0  # in use right now, so not idle
+        if held is None:
+            return 0
+        try:
+            if not self._expired_on_disk(path, now):
+                return 0
+            self.delete(sid)
+            return 1
+        finally:
+            held.release()
+
+    @staticmethod
+    def _remove_orphan_lock(path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                _unlink_quietly(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
