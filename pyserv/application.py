@@ -169,8 +169,8 @@ class Application:
                     response if response.streaming else error_response(500, "", request.request_id)
                 )
             response = self._commit(scope, request, response)
-            if scope.opened is not None:
-                request.environ["pyserv.session"] = self.store.fingerprint(scope.opened.id)
+            if scope.stored_id is not None:  # the key is loaded: fingerprinting is free
+                request.environ["pyserv.session"] = self.store.fingerprint(scope.stored_id)
             return response
 
     def _commit(self, scope: SessionScope, request: Request, response: Response) -> Response:
@@ -189,6 +189,9 @@ class Application:
             )
         except (SessionValueError, SecretError) as exc:
             log.error("request %s: session not saved: %s", request_id, exc)
+            return error_response(500, "", request_id)
+        except Exception:
+            log.exception("request %s: session not saved", request_id)
             return error_response(500, "", request_id)
         return response
 

@@ -18,6 +18,7 @@ from .session import SessionAttribute
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _SESSION_ATTRIBUTE = SessionAttribute()
+_MISSING = object()
 
 
 class ServletSetupError(Exception):
@@ -80,8 +81,8 @@ class Dispatcher:
                 destroy()
 
     def _instantiate(self, cls: type) -> Any:
-        attribute = cls.__dict__.get("session", None) or getattr(cls, "session", None)
-        if attribute is None:
+        attribute = getattr(cls, "session", _MISSING)
+        if attribute is _MISSING:
             cls.session = _SESSION_ATTRIBUTE  # plain classes get per-request self.session
         elif not isinstance(attribute, SessionAttribute):
             raise ServletSetupError(

@@ -31,6 +31,8 @@ from .stores.base import (
     valid_session_id,
 )
 
+MAX_TIMEOUT = 10 * 365 * 24 * 3600  # ten years; the envelope stores 32 bits
+
 
 class Session(MutableMapping[str, Any]):
     """A dict of picklable values plus a few facts about the session.
@@ -68,8 +70,10 @@ class Session(MutableMapping[str, Any]):
 
     @timeout.setter
     def timeout(self, seconds: int) -> None:
-        if isinstance(seconds, bool) or not isinstance(seconds, int) or seconds <= 0:
-            raise ValueError(f"session timeout must be a positive int of seconds, not {seconds!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, int):
+            raise ValueError(f"session timeout must be an int of seconds, not {seconds!r}")
+        if not 0 < seconds <= MAX_TIMEOUT:
+            raise ValueError(f"session timeout must be 1 to {MAX_TIMEOUT} seconds, not {seconds}")
         self._record.timeout = seconds
         self.modified = True
 
@@ -221,6 +225,16 @@ class SessionScope:
     @property
     def opened(self) -> Session | None:
         return self._session
+
+    @property
+    def stored_id(self) -> str | None:
+        """The id of this request's session if it exists in the store (for logs)."""
+        session = self._session
+        if session is None or session.invalidated:
+            return None
+        if session.is_new and not (self._saved and session.modified):
+            return None
+        return session.id
 
     def commit(self, response: Response) -> None:
         """Save the session's changes into the store and the response; then close it."""

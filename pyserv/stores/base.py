@@ -221,6 +221,7 @@ class SessionStore(ABC):
 
     def discard(self, sid: str) -> None:
         """The request holding *sid* discarded its changes (a cache drops its copy)."""
+        return None
 
     def fingerprint(self, sid: str) -> str:
         """A keyed hash of *sid* for logs."""

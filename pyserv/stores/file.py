@@ -261,7 +261,9 @@ class FileStore(SessionStore):
     def _write_atomic(self, subdir: str, data_path: str, blob: bytes) -> None:
         temp = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
-            os.makedirs(subdir, mode=0o700, exist_ok=True)
+            if not os.path.isdir(subdir):
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)  # mode is the leaf's
+                os.makedirs(subdir, mode=0o700, exist_ok=True)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 view = memoryview(blob)

@@ -1,0 +1,116 @@
+"""pyservd's config: the example file loads; every problem is one line naming where."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from container.cli import main
+from container.config import EX_CONFIG, ConfigError, ListenAddress, load
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """
+[pyservd]
+listen = unix:/tmp/x/pyservd.sock
+workers = 3
+max_body = 2M
+
+[app:testapp]
+mount = /testapp
+module = thisapp
+pythonpath = ../examples
+session_dir = sessions
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "conf" / "pyservd.conf"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_shipped_example_config_loads_with_its_documented_values():
+    config = load(str(REPO / "conf" / "pyservd.conf"))
+    assert config.server.listen == ListenAddress("unix", path="/run/pyserv/pyservd.sock")
+    assert config.server.workers == 2 and config.server.threads == 16
+    assert config.server.socket_mode == 0o660
+    assert config.server.max_body == 10 * 1024 * 1024
+    (app,) = config.apps
+    assert (app.name, app.mount, app.module) == ("testapp", "/testapp", "thisapp")
+    assert app.pythonpath == (str(REPO / "examples"),)
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    config = load(write(tmp_path, GOOD))
+    assert config.apps[0].session_dir == str(tmp_path / "conf" / "sessions")
+    assert config.apps[0].pythonpath == (str(tmp_path / "examples"),)
+    assert config.server.max_body == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listen = 127.0.0.1:9000", ListenAddress("tcp", host="127.0.0.1", port=9000)),
+        ("listen = [::1]:9000", ListenAddress("tcp", host="::1", port=9000)),
+        ("listen = fd", ListenAddress("fd")),
+    ],
+)
+def test_listen_forms(tmp_path, text, expected):
+    config = load(write(tmp_path, GOOD.replace("listen = unix:/tmp/x/pyservd.sock", text)))
+    assert config.server.listen == expected
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        ("workers = 3", "workers = abc", "[pyservd] workers = 'abc': expected a whole number"),
+        ("workers = 3", "wrokers = 3", "[pyservd] unknown key 'wrokers'"),
+        ("max_body = 2M", "max_body = lots", "[pyservd] max_body = 'lots': expected a size"),
+        ("listen = unix:/tmp/x/pyservd.sock", "listen = here", "[pyservd] listen = 'here'"),
+        ("listen = unix:/tmp/x/pyservd.sock", "", "[pyservd] listen is required"),
+        ("mount = /testapp", "mount = testapp", "[app:testapp] mount = 'testapp'"),
+        ("module = thisapp", "module = this-app", "[app:testapp] module = 'this-app'"),
+        ("[app:testapp]", "[application]", "unknown section [application]"),
+    ],
+)
+def test_each_problem_is_one_line_naming_file_section_and_key(tmp_path, replace, by, expected):
+    path = write(tmp_path, GOOD.replace(replace, by))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert message.startswith(path) and expected in message
+    assert "\n" not in message
+
+
+def test_two_apps_on_one_mount_or_session_dir_are_refused(tmp_path):
+    second = GOOD + "\n[app:other]\nmount = /testapp\nmodule = other\nsession_dir = s2\n"
+    with pytest.raises(ConfigError, match=r"\[app:other\] mount = '/testapp': already used"):
+        load(write(tmp_path, second))
+
+
+def test_check_exits_0_for_a_good_config_and_78_with_one_line_otherwise(tmp_path, capsys):
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "thisapp_cfgtest.py").write_text(
+        "class A:\n    def run(s, q, r): pass\n"
+    )
+    good = write(tmp_path, GOOD.replace("module = thisapp", "module = thisapp_cfgtest"))
+    assert main(["--config", good, "--check"]) == 0
+    bad = write(tmp_path, GOOD.replace("module = thisapp", "module = no_such_module_here"))
+    assert main(["--config", bad, "--check"]) == EX_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "[app:testapp] module = 'no_such_module_here': cannot import" in err[0]
+
+
+def test_unreadable_or_malformed_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.conf"))
+    path = write(tmp_path, "no section header\n")
+    with pytest.raises(ConfigError, match="not a valid INI file"):
+        load(path)
+    assert os.path.exists(path)

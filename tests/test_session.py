@@ -1,0 +1,460 @@
+"""Sessions as a servlet and a browser see them, through the WSGI Application."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from pyserv import Application, AppSettings
+from pyserv.stores.base import new_session_id
+
+SERVLETS = """
+import json
+import threading
+import time
+
+from pyserv import HTTPError, Servlet
+
+entered = threading.Event()
+gate = threading.Event()
+
+
+def describe(session):
+    return json.dumps({
+        "id": session.id,
+        "is_new": session.is_new,
+        "created": session.created,
+        "last_access": session.last_access,
+        "timeout": session.timeout,
+        "data": dict(session),
+    })
+
+
+class Read(Servlet):
+    def do_GET(self, request, response):
+        response.write(describe(self.session))
+
+
+class Increment(Servlet):
+    def do_GET(self, request, response):
+        self.session["n"] = self.session.get("n", 0) + 1
+        response.write(describe(self.session))
+
+
+class Untouched(Servlet):
+    def do_GET(self, request, response):
+        response.write("no session here")
+
+
+class ShortTimeout(Servlet):
+    def do_GET(self, request, response):
+        self.session.timeout = 1
+        self.session["n"] = self.session.get("n", 0) + 1
+        response.write(describe(self.session))
+
+
+class SlowIncrement(Servlet):
+    def do_GET(self, request, response):
+        n = self.session.get("n", 0)
+        time.sleep(float(request.query["sleep"]))
+        self.session["n"] = n + 1
+        response.write(describe(self.session))
+
+
+class Hold(Servlet):
+    def do_GET(self, request, response):
+        self.session["held"] = True
+        entered.set()
+        gate.wait(10)
+        response.write(describe(self.session))
+
+
+class Invalidate(Servlet):
+    def do_GET(self, request, response):
+        self.session.invalidate()
+        response.write("bye")
+
+
+class Rotate(Servlet):
+    def do_GET(self, request, response):
+        self.session.rotate()
+        self.session["n"] = self.session.get("n", 0) + 1
+        response.write("rotated")
+
+
+class FailAfterWrite(Servlet):
+    def do_GET(self, request, response):
+        self.session["n"] = 999
+        raise RuntimeError("the servlet failed after changing the session")
+
+
+class HugeTimeout(Servlet):
+    def do_GET(self, request, response):
+        self.session["n"] = 1
+        self.session.timeout = 2 ** 32  # more than the envelope's 32-bit field holds
+        response.write("stored")
+
+
+class RefuseAfterWrite(Servlet):
+    def do_GET(self, request, response):
+        self.session["n"] = 999
+        raise HTTPError(409, "refused after changing the session")
+"""
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def session_cookies(self) -> list[str]:
+        return [v for v in self.header_values("Set-Cookie") if v.startswith("PYSERVSID=")]
+
+    @property
+    def new_sid(self) -> str | None:
+        """The id a Set-Cookie gives the client, if any."""
+        cookies = self.session_cookies()
+        assert len(cookies) <= 1, cookies
+        return cookies[0].split(";")[0].split("=", 1)[1] if cookies else None
+
+    @property
+    def json(self) -> dict[str, Any]:
+        assert self.status == 200, (self.status, self.body)
+        return json.loads(self.body)
+
+
+def call(app: Application, servlet: str, cookie: str | None = None, query: str = "") -> Reply:
+    environ: dict[str, Any] = {"PATH_INFO": f"/{servlet}", "QUERY_STRING": query}
+    if cookie is not None:
+        environ["HTTP_COOKIE"] = cookie
+    setup_testing_defaults(environ)
+    seen: dict[str, Any] = {}
+
+    def start_response(status, headers, exc_info=None):
+        seen["status"], seen["headers"] = status, headers
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    return Reply(int(seen["status"].split()[0]), list(seen["headers"]), body)
+
+
+@pytest.fixture
+def session_dir(tmp_path: Path) -> Path:
+    return tmp_path / "srv" / "www" / "sessions"
+
+
+@pytest.fixture
+def make_app(tmp_path: Path, session_dir: Path, monkeypatch):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    monkeypatch.syspath_prepend(str(modules))
+
+    def make(**settings: Any) -> Application:
+        name = f"session_app_{uuid.uuid4().hex}"
+        (modules / f"{name}.py").write_text(SERVLETS)
+        app = Application(
+            AppSettings(name="t", module=name, session_dir=str(session_dir), **settings)
+        )
+        monkeypatch.setitem(sys.modules, name, app.module)  # forgotten again at teardown
+        return app
+
+    return make
+
+
+def session_file(session_dir: Path, sid: str) -> Path:
+    return session_dir / sid[:2] / f"{sid}.session"
+
+
+def session_files(session_dir: Path) -> list[Path]:
+    return sorted(session_dir.rglob("*.session")) if session_dir.exists() else []
+
+
+def snapshot_outside(root: Path, excluded: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under *root* but outside *excluded*, with what would show a change."""
+    found = {}
+    for path in root.rglob("*"):
+        if path == excluded or excluded in path.parents:
+            continue
+        info = path.lstat()
+        found[str(path.relative_to(root))] = (path.is_dir(), info.st_size, info.st_mtime_ns)
+    return found
+
+
+# -- hostile cookies ------------------------------------------------------------------------
+
+FORGED = "forgedForgedForgedForgedForgedForgedForged"[:43].ljust(43, "A")
+HOSTILE_COOKIES = {
+    "forged well-formed unknown id": f"PYSERVSID={FORGED}",
+    "quoted forged id": f'PYSERVSID="{FORGED}"',
+    "overlong id": f"PYSERVSID={FORGED * 100}",
+    "one character too many": f"PYSERVSID={FORGED}A",
+    "NUL inside": f"PYSERVSID={FORGED[:20]}\x00{FORGED[21:]}",
+    "NUL appended": f"PYSERVSID={FORGED}\x00",
+    "non-ASCII UTF-8 bytes": "PYSERVSID=" + ("é" * 43).encode("utf-8").decode("latin-1"),
+    "non-ASCII of id length": "PYSERVSID=" + "\xe9" * 43,
+    "path traversal": "PYSERVSID=../../etc/passwd",
+    "path traversal of id length": "PYSERVSID=" + ("../" * 15)[:43],
+    "encoded traversal": "PYSERVSID=%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "empty value": "PYSERVSID=",
+    "ten duplicates": "; ".join([f"PYSERVSID={FORGED}"] * 10),
+    "ten different forged ids": "; ".join(f"PYSERVSID={new_session_id()}" for _ in range(10)),
+}
+
+
+@pytest.mark.parametrize("cookie", list(HOSTILE_COOKIES.values()), ids=list(HOSTILE_COOKIES))
+def test_hostile_cookie_is_treated_exactly_as_no_cookie(make_app, tmp_path, session_dir, cookie):
+    for decoy in (tmp_path / "etc" / "passwd", tmp_path / "srv" / "etc" / "passwd"):
+        decoy.parent.mkdir(parents=True, exist_ok=True)
+        decoy.write_text("root:x:0:0::/root:/bin/sh\n")
+    app = make_app()
+    baseline = call(app, "Increment")
+    before = snapshot_outside(tmp_path, session_dir)
+
+    reply = call(app, "Increment", cookie=cookie)
+
+    assert reply.status == 200
+    assert reply.json["is_new"] is True
+    assert reply.json["data"] == {"n": 1}
+    assert sorted(k.lower() for k, _ in reply.headers) == sorted(
+        k.lower() for k, _ in baseline.headers
+    )
+    sid = reply.new_sid
+    assert sid is not None and sid == reply.json["id"]
+    assert sid not in cookie and sid != baseline.new_sid
+    assert snapshot_outside(tmp_path, session_dir) == before
+    assert session_files(session_dir) == sorted(
+        [session_file(session_dir, baseline.new_sid), session_file(session_dir, sid)]
+    )
+
+
+@pytest.mark.parametrize("first", [FORGED, "../../etc/passwd", ""])
+def test_second_cookie_of_the_same_name_naming_our_live_session_is_used(make_app, first):
+    app = make_app()
+    live = call(app, "Increment").new_sid
+
+    reply = call(app, "Increment", cookie=f"PYSERVSID={first}; other=1; PYSERVSID={live}")
+
+    assert reply.status == 200
+    assert reply.json["id"] == live
+    assert reply.json["is_new"] is False
+    assert reply.json["data"] == {"n": 2}
+    assert reply.session_cookies() == []
+
+
+def test_forged_session_id_is_not_adopted(make_app, session_dir):
+    app = make_app()
+    chosen = new_session_id()  # well-formed, the attacker's pick
+
+    first = call(app, "Increment", cookie=f"PYSERVSID={chosen}")
+    second = call(app, "Increment", cookie=f"PYSERVSID={chosen}")
+
+    assert first.new_sid not in (None, chosen)
+    assert second.new_sid not in (None, chosen, first.new_sid)
+    assert second.json["data"] == {"n": 1}
+    assert not session_file(session_dir, chosen).exists()
+    assert not any(chosen in str(path) for path in session_dir.rglob("*"))
+    assert call(app, "Increment", cookie=f"PYSERVSID={first.new_sid}").json["data"] == {"n": 2}
+
+
+def test_session_is_lazy_no_file_and_no_cookie_until_written(make_app, session_dir):
+    app = make_app()
+
+    untouched = call(app, "Untouched")
+    read_only = call(app, "Read")
+
+    for reply in (untouched, read_only):
+        assert reply.status == 200
+        assert reply.header_values("Set-Cookie") == []
+    assert read_only.json["is_new"] is True
+    assert session_files(session_dir) == []
+    written = call(app, "Increment")
+    assert written.new_sid == written.json["id"]
+    assert session_files(session_dir) == [session_file(session_dir, written.new_sid)]
+
+
+def test_session_cookie_is_httponly_lax_and_secure_over_https(make_app):
+    app = make_app()
+    plain = call(app, "Increment").session_cookies()[0]
+    environ_https = {"PATH_INFO": "/Increment", "wsgi.url_scheme": "https", "HTTPS": "on"}
+    setup_testing_defaults(environ_https)
+    seen: dict[str, Any] = {}
+    app(environ_https, lambda status, headers, exc=None: seen.update(headers=headers))
+    secure = [v for k, v in seen["headers"] if k.lower() == "set-cookie"][0]
+
+    for cookie in (plain, secure):
+        attributes = [part.strip() for part in cookie.split(";")]
+        assert "HttpOnly" in attributes and "SameSite=Lax" in attributes
+        assert "Path=/" in attributes
+    assert "Secure" not in [p.strip() for p in plain.split(";")]
+    assert "Secure" in [p.strip() for p in secure.split(";")]
+
+
+def test_session_reports_id_is_new_created_last_access_and_timeout(make_app):
+    app = make_app(session_timeout=1234)
+    before = time.time()
+    first = call(app, "Increment")
+    after = time.time()
+    time.sleep(0.05)
+    second_started = time.time()
+    second = call(app, "Read", cookie=f"PYSERVSID={first.new_sid}")
+
+    one, two = first.json, second.json
+    assert one["id"] == first.new_sid and two["id"] == first.new_sid
+    assert one["is_new"] is True and two["is_new"] is False
+    assert before <= one["created"] <= after
+    assert two["created"] == one["created"]
+    assert two["last_access"] >= second_started > one["last_access"]
+    assert one["timeout"] == two["timeout"] == 1234
+    assert second.session_cookies() == []
+
+
+def test_per_session_timeout_expires_and_the_session_never_comes_back(make_app, session_dir):
+    app = make_app()
+    sid = call(app, "ShortTimeout").new_sid
+    soon = call(app, "Read", cookie=f"PYSERVSID={sid}").json
+    assert soon["id"] == sid and soon["timeout"] == 1 and soon["data"] == {"n": 1}
+
+    time.sleep(1.2)
+    late = call(app, "Increment", cookie=f"PYSERVSID={sid}")
+
+    assert late.json["is_new"] is True
+    assert late.new_sid not in (None, sid)
+    assert late.json["data"] == {"n": 1}
+    assert not session_file(session_dir, sid).exists()
+    again = call(app, "Read", cookie=f"PYSERVSID={sid}").json
+    assert again["is_new"] is True and again["id"] != sid
+    assert not session_file(session_dir, sid).exists()
+
+
+def test_write_finishing_after_the_session_expired_does_not_resurrect_it(make_app, session_dir):
+    app = make_app()
+    sid = call(app, "ShortTimeout").new_sid
+
+    slow = call(app, "SlowIncrement", cookie=f"PYSERVSID={sid}", query="sleep=1.3")
+
+    assert slow.status == 503
+    assert slow.session_cookies() == []
+    path = session_file(session_dir, sid)
+    if path.exists():  # left for the next load or sweep, but not rewritten
+        _, data = app.store.envelope.open(sid, path.read_bytes())
+        assert data == {"n": 1}
+    after = call(app, "Read", cookie=f"PYSERVSID={sid}").json
+    assert after["is_new"] is True and after["id"] != sid
+    assert not path.exists()
+
+
+def test_invalidate_deletes_the_file_and_sends_a_cookie_deletion(make_app, session_dir):
+    app = make_app()
+    sid = call(app, "Increment").new_sid
+    assert session_file(session_dir, sid).exists()
+
+    reply = call(app, "Invalidate", cookie=f"PYSERVSID={sid}")
+
+    assert reply.status == 200
+    (deletion,) = reply.session_cookies()
+    assert deletion.startswith("PYSERVSID=;")
+    assert "Max-Age=0" in deletion
+    assert not session_file(session_dir, sid).exists()
+    assert not (session_dir / sid[:2] / f"{sid}.lock").exists()
+    after = call(app, "Read", cookie=f"PYSERVSID={sid}").json
+    assert after["is_new"] is True and after["id"] != sid
+
+
+def test_rotate_keeps_data_under_a_new_id_and_retires_the_old(make_app, session_dir):
+    app = make_app()
+    first = call(app, "Increment")
+    old = first.new_sid
+
+    rotated = call(app, "Rotate", cookie=f"PYSERVSID={old}")
+
+    assert rotated.status == 200
+    new = rotated.new_sid
+    assert new not in (None, old)
+    assert not session_file(session_dir, old).exists()
+    now = call(app, "Read", cookie=f"PYSERVSID={new}").json
+    assert now["is_new"] is False and now["data"] == {"n": 2}
+    assert now["created"] == first.json["created"]
+    stale = call(app, "Read", cookie=f"PYSERVSID={old}").json
+    assert stale["is_new"] is True and stale["id"] not in (old, new)
+
+
+@pytest.mark.parametrize("servlet, status", [("FailAfterWrite", 500), ("RefuseAfterWrite", 409)])
+def test_exception_discards_session_changes(make_app, session_dir, servlet, status):
+    app = make_app()
+    sid = call(app, "Increment").new_sid
+
+    failed = call(app, servlet, cookie=f"PYSERVSID={sid}")
+    failed_new = call(app, servlet)
+
+    assert failed.status == failed_new.status == status
+    assert failed.session_cookies() == failed_new.session_cookies() == []
+    assert call(app, "Read", cookie=f"PYSERVSID={sid}").json["data"] == {"n": 1}
+    assert session_files(session_dir) == [session_file(session_dir, sid)]
+
+
+def test_session_timeout_beyond_the_storable_range_is_an_error_page_not_a_crash(
+    make_app, session_dir
+):
+    app = make_app()
+
+    reply = call(app, "HugeTimeout")  # an exception escaping the WSGI callable fails here
+
+    assert reply.status == 500
+    assert reply.session_cookies() == []
+    assert session_files(session_dir) == []
+
+
+def test_request_waiting_on_a_locked_session_gets_503_with_retry_after(make_app):
+    app = make_app(session_lock_timeout=0.3)
+    sid = call(app, "Increment").new_sid
+    cookie = f"PYSERVSID={sid}"
+    held: list[Reply] = []
+    holder = threading.Thread(target=lambda: held.append(call(app, "Hold", cookie=cookie)))
+    holder.start()
+    try:
+        assert app.module.entered.wait(5.0)
+        started = time.monotonic()
+        waiting = call(app, "Increment", cookie=cookie)
+        elapsed = time.monotonic() - started
+    finally:
+        app.module.gate.set()
+        holder.join(10.0)
+    assert not holder.is_alive()
+
+    assert waiting.status == 503
+    assert waiting.header_values("Retry-After") == ["1"]
+    assert waiting.session_cookies() == []
+    assert 0.25 <= elapsed < 3.0
+    assert held[0].status == 200
+    assert call(app, "Read", cookie=cookie).json["data"] == {"n": 1, "held": True}
+
+
+def test_expiry_is_checked_on_load(make_app, session_dir):
+    app = make_app(session_timeout=60)
+    sid = call(app, "Increment").new_sid
+    path = session_file(session_dir, sid)
+    idle_since = time.time() - 61
+    os.utime(path, (idle_since, idle_since))
+
+    reply = call(app, "Increment", cookie=f"PYSERVSID={sid}")
+
+    assert reply.json["is_new"] is True
+    assert reply.new_sid not in (None, sid)
+    assert reply.json["data"] == {"n": 1}
+    assert not path.exists()
+    assert not re.search(sid, " ".join(str(p) for p in session_dir.rglob("*")))

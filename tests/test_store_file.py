@@ -1,0 +1,522 @@
+"""FileStore: the conformance suite plus what only a directory of files can get wrong."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import logging
+import multiprocessing
+import os
+import pickle
+import re
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from store_conformance import *  # noqa: F401,F403
+from store_conformance import load_locked, make_record
+
+from pyserv.secret import SecretError, load_or_create_secret
+from pyserv.stores.base import (
+    HEADER_SIZE,
+    MAGIC,
+    Envelope,
+    StoreUnavailable,
+    new_session_id,
+)
+from pyserv.stores.file import FileStore
+
+HEADER_FORMAT = ">4sQdI"  # magic, generation, created, timeout: the documented envelope
+MAC_SIZE = hashlib.sha256().digest_size
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    return tmp_path / "keys" / "session.key"  # outside the session directory
+
+
+@pytest.fixture
+def session_dir(tmp_path: Path) -> Path:
+    return tmp_path / "sessions"
+
+
+def make_store(session_dir: Path, secret_file: Path, **options) -> FileStore:
+    envelope = Envelope(lambda: load_or_create_secret(str(secret_file)))
+    return FileStore(str(session_dir), envelope, **options)
+
+
+@pytest.fixture
+def store(session_dir: Path, secret_file: Path) -> FileStore:
+    store = make_store(session_dir, secret_file)
+    store.ensure_directory()
+    return store
+
+
+@pytest.fixture
+def age_session(session_dir: Path):
+    def age(sid: str, seconds: float) -> None:
+        when = time.time() - seconds
+        os.utime(data_path(session_dir, sid), (when, when))
+
+    return age
+
+
+@pytest.fixture
+def store_contents(session_dir: Path):
+    def contents() -> set[str]:
+        return {
+            str(path.relative_to(session_dir)) for path in session_dir.rglob("*") if path.is_file()
+        }
+
+    return contents
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def data_path(session_dir: Path, sid: str) -> Path:
+    return session_dir / sid[:2] / f"{sid}.session"
+
+
+def lock_path(session_dir: Path, sid: str) -> Path:
+    return session_dir / sid[:2] / f"{sid}.lock"
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def raw_envelope(key: bytes, sid: str, payload: bytes, *, generation: int = 1) -> bytes:
+    """An envelope built by hand from the documented format: header | HMAC | pickle."""
+    now = time.time()
+    header = struct.pack(HEADER_FORMAT, MAGIC, generation, now, 3600)
+    mac = hmac.new(key, header + sid.encode("ascii") + payload, hashlib.sha256).digest()
+    return header + mac + payload
+
+
+class CreatesFile:
+    """Unpickling this opens (creates) a file: proof that a payload was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def malicious_payload(marker: Path) -> bytes:
+    return pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
+
+
+def assert_gadget_works(tmp_path: Path) -> None:
+    """The malicious payload really does create its marker when unpickled."""
+    probe = tmp_path / "gadget-probe"
+    pickle.loads(malicious_payload(probe))["x"].close()
+    assert probe.exists()
+
+
+# -- the conformance suite sanity ------------------------------------------------------
+
+
+def test_envelope_layout_matches_the_documented_format():
+    assert struct.calcsize(HEADER_FORMAT) == HEADER_SIZE
+
+
+# -- permissions -----------------------------------------------------------------------
+
+
+def test_ensure_directory_creates_the_session_directory_0700(umask_022, session_dir, secret_file):
+    make_store(session_dir, secret_file).ensure_directory()
+
+    assert mode_of(session_dir) == 0o700
+
+
+def test_first_save_creates_a_missing_session_directory_0700(umask_022, session_dir, secret_file):
+    store = make_store(session_dir, secret_file)  # no ensure_directory(): Application's way
+
+    stored = store.save(make_record({"v": 1}), time.time())
+
+    assert mode_of(session_dir) == 0o700
+    assert mode_of(session_dir / stored.sid[:2]) == 0o700
+
+
+def test_session_subdirectories_and_files_are_private(umask_022, store, session_dir):
+    stored = store.save(make_record({"v": 1}), time.time())
+    assert load_locked(store, stored.sid) is not None  # creates the lock file
+    store.sweep(time.time())  # creates the sweep guard
+    tampered = store.save(make_record({"v": 2}), time.time())
+    path = data_path(session_dir, tampered.sid)
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01
+    path.write_bytes(bytes(blob))
+    assert load_locked(store, tampered.sid) is None  # creates the quarantine
+
+    assert mode_of(session_dir / stored.sid[:2]) == 0o700
+    assert mode_of(data_path(session_dir, stored.sid)) == 0o600
+    assert mode_of(lock_path(session_dir, stored.sid)) == 0o600
+    assert mode_of(session_dir / ".sweep.lock") == 0o600
+    assert mode_of(session_dir / "quarantine") == 0o700
+    (quarantined,) = (session_dir / "quarantine").iterdir()
+    assert mode_of(quarantined) == 0o600
+
+
+# -- atomic writes ---------------------------------------------------------------------
+
+
+def test_save_leaves_no_temp_file(store, session_dir):
+    stored = store.save(make_record({"v": 1}), time.time())
+    lock = store.lock(stored.sid, 5.0)
+    try:
+        current = store.load(stored.sid)
+        store.save(current, time.time())
+    finally:
+        lock.release()
+
+    names = sorted(path.name for path in (session_dir / stored.sid[:2]).iterdir())
+    assert names == [f"{stored.sid}.lock", f"{stored.sid}.session"]
+
+
+def test_crash_mid_write_keeps_old_value_and_sweep_removes_stale_temp(store, session_dir):
+    stored = store.save(make_record({"v": "old"}), time.time())
+    newer = store.envelope.seal(stored.successor({"v": "new"}, time.time()))
+    temp = session_dir / stored.sid[:2] / ".0123456789ab.tmp"
+    temp.write_bytes(newer[: len(newer) // 2])  # the crash: half a temp file, no replace
+
+    loaded = load_locked(store, stored.sid)
+    assert loaded is not None and loaded.data == {"v": "old"}
+
+    assert store.sweep(time.time()) == 0
+    assert temp.exists()  # a fresh temp file may be a write in progress
+    hour_and_more = time.time() - 3700
+    os.utime(temp, (hour_and_more, hour_and_more))
+    assert store.sweep(time.time()) == 0
+    assert not temp.exists()
+    loaded = load_locked(store, stored.sid)
+    assert loaded is not None and loaded.data == {"v": "old"}
+
+
+def test_disk_full_during_write_raises_store_unavailable_and_keeps_old_value(
+    store, session_dir, monkeypatch
+):
+    stored = store.save(make_record({"v": "old"}), time.time())
+    lock = store.lock(stored.sid, 5.0)
+    try:
+        current = store.load(stored.sid)
+        current.data["v"] = "new"
+
+        def disk_full(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "write", disk_full)
+            with pytest.raises(StoreUnavailable):
+                store.save(current, time.time())
+    finally:
+        lock.release()
+
+    assert not [p for p in (session_dir / stored.sid[:2]).iterdir() if p.suffix == ".tmp"]
+    loaded = load_locked(store, stored.sid)
+    assert loaded is not None and loaded.data == {"v": "old"}
+
+
+def test_permission_denied_on_write_raises_store_unavailable(store, session_dir, monkeypatch):
+    real_open = os.open
+
+    def refuse_temp_files(path, flags, *args, **kwargs):
+        if str(path).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    record = make_record({"v": 1})
+    assert store.envelope.key  # the secret exists before the disk turns hostile
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", refuse_temp_files)
+        with pytest.raises(StoreUnavailable):
+            store.save(record, time.time())
+
+    assert not data_path(session_dir, record.sid).exists()
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="running as root: root bypasses directory permissions, so chmod 0500 cannot "
+    "make the session directory unwritable",
+)
+def test_unwritable_session_directory_raises_store_unavailable(store, session_dir):
+    existing = store.save(make_record({"v": 1}), time.time())
+    dirs = [session_dir, session_dir / existing.sid[:2]]
+    for directory in dirs:
+        directory.chmod(0o500)
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.save(
+                make_record({"v": 2}, sid=existing.sid[:2] + new_session_id()[2:]), time.time()
+            )
+        with pytest.raises(StoreUnavailable):
+            store.save(make_record({"v": 3}), time.time())
+    finally:
+        for directory in dirs:
+            directory.chmod(0o700)
+
+
+def test_fsync_option_syncs_file_and_directory(session_dir, secret_file, monkeypatch):
+    store = make_store(session_dir, secret_file, fsync=True)
+    store.ensure_directory()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    stored = store.save(make_record({"v": 1}), time.time())
+
+    assert "file" in synced and "dir" in synced
+    loaded = load_locked(store, stored.sid)
+    assert loaded is not None and loaded.data == {"v": 1}
+
+
+def test_without_fsync_option_nothing_is_synced(store, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+
+    store.save(make_record({"v": 1}), time.time())
+
+    assert synced == []
+
+
+# -- ids never reach the disk unchecked ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sid", ["../../etc/passwd", "A" * 42, "A" * 44, "A" * 42 + "/", "A" * 42 + "\x00", ""]
+)
+def test_malformed_id_is_refused_before_touching_the_disk(store, store_contents, sid):
+    before = store_contents()
+
+    with pytest.raises(ValueError):
+        store.lock(sid, 1.0)
+    with pytest.raises(ValueError):
+        store.load(sid)
+
+    assert store_contents() == before
+
+
+# -- verification and quarantine ---------------------------------------------------------
+
+
+def tampered_flipped_byte(store, sid, marker):
+    """Correctly signed, then one payload byte flipped ("marker" -> "markes"): the pickle
+    stays valid and would create a file, so only the signature check stops it."""
+    blob = bytearray(raw_envelope(store.envelope.key, sid, malicious_payload(marker)))
+    name = marker.name.encode()
+    at = blob.rindex(name) + len(name) - 1
+    assert at > HEADER_SIZE + MAC_SIZE
+    blob[at] ^= 0x01
+    return bytes(blob)
+
+
+def tampered_swapped_payload(store, sid, marker):
+    blob = data_path(Path(store.directory), sid).read_bytes()
+    return blob[: HEADER_SIZE + MAC_SIZE] + malicious_payload(marker)
+
+
+def tampered_wrong_key(store, sid, marker):
+    return raw_envelope(b"0" * 64, sid, malicious_payload(marker))
+
+
+def tampered_copied_from_other_id(store, sid, marker):
+    other = new_session_id()
+    return raw_envelope(store.envelope.key, other, malicious_payload(marker))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        tampered_flipped_byte,
+        tampered_swapped_payload,
+        tampered_wrong_key,
+        tampered_copied_from_other_id,
+    ],
+)
+def test_tampered_session_file_is_never_unpickled_and_is_quarantined(
+    store, session_dir, tmp_path, caplog, tamper
+):
+    assert_gadget_works(tmp_path)
+    marker = tmp_path / "unpickled-marker"
+    stored = store.save(make_record({"v": 1}), time.time())
+    path = data_path(session_dir, stored.sid)
+    blob = tamper(store, stored.sid, marker)
+    path.write_bytes(blob)
+    caplog.set_level(logging.WARNING, logger="pyserv.error")
+
+    assert load_locked(store, stored.sid) is None
+
+    assert not marker.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("unpickled-marke")]
+    assert not path.exists()
+    (quarantined,) = (session_dir / "quarantine").iterdir()
+    assert quarantined.read_bytes() == blob
+    assert stored.sid not in quarantined.name
+    warnings = [
+        r for r in caplog.records if r.name == "pyserv.error" and r.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert store.fingerprint(stored.sid) in message
+    assert stored.sid not in message
+    assert store.lock(stored.sid, 1.0) is None
+
+
+def test_valid_signature_from_the_right_key_is_what_gets_unpickled(store, session_dir, tmp_path):
+    """The control for the tampering tests: the same hand-built envelope, correctly
+    signed for this id, does load, so the tests above fail for the right reason."""
+    stored = store.save(make_record({"v": 1}), time.time())
+    payload = pickle.dumps({"v": "hand-built"}, protocol=4)
+    data_path(session_dir, stored.sid).write_bytes(
+        raw_envelope(store.envelope.key, stored.sid, payload)
+    )
+
+    loaded = load_locked(store, stored.sid)
+
+    assert loaded is not None and loaded.data == {"v": "hand-built"}
+
+
+# -- sweep housekeeping --------------------------------------------------------------------
+
+
+def test_sweep_removes_orphan_lock_files_only(store, session_dir):
+    orphan = store.save(make_record({"v": 1}), time.time())
+    live = store.save(make_record({"v": 2}), time.time())
+    held = store.save(make_record({"v": 3}), time.time())
+    for sid in (orphan.sid, live.sid, held.sid):
+        assert load_locked(store, sid) is not None  # leaves a lock file behind
+    data_path(session_dir, orphan.sid).unlink()  # a crash between the two unlinks of delete
+    data_path(session_dir, held.sid).unlink()
+    fd = os.open(lock_path(session_dir, held.sid), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # someone is still in the middle of it
+        assert store.sweep(time.time()) == 0
+        assert lock_path(session_dir, held.sid).exists()
+    finally:
+        os.close(fd)
+
+    assert not lock_path(session_dir, orphan.sid).exists()
+    assert lock_path(session_dir, live.sid).exists()
+    assert store.sweep(time.time()) == 0
+    assert not lock_path(session_dir, held.sid).exists()
+
+
+# -- the lock file race ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("waiter_store", ["same store", "second store on the same directory"])
+@pytest.mark.parametrize("recreate_lock_file", [False, True])
+def test_deleted_and_recreated_lock_file_does_not_split_the_lock(
+    store, session_dir, secret_file, waiter_store, recreate_lock_file
+):
+    other = store if waiter_store == "same store" else make_store(session_dir, secret_file)
+    stored = store.save(make_record({"v": 1}), time.time())
+    holder = store.lock(stored.sid, 5.0)
+    assert holder is not None
+    results: list[object] = []
+
+    def waiter() -> None:
+        try:
+            results.append(other.lock(stored.sid, 5.0))
+        except BaseException as exc:  # reported to the test thread
+            results.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+        time.sleep(0.2)  # the waiter is now queued on the lock
+        assert thread.is_alive()
+        store.delete(stored.sid)
+        if recreate_lock_file:  # a newcomer opened the path meanwhile
+            os.close(os.open(lock_path(session_dir, stored.sid), os.O_CREAT | os.O_RDWR, 0o600))
+    finally:
+        holder.release()
+        thread.join(10.0)
+    assert not thread.is_alive()
+
+    assert results == [None]
+    assert not data_path(session_dir, stored.sid).exists()
+    assert store.lock(stored.sid, 0.5) is None
+
+
+# -- the secret -----------------------------------------------------------------------------
+
+
+def test_secret_is_created_0600_with_64_hex_chars_on_first_save(umask_022, store, secret_file):
+    unknown = new_session_id()
+    assert store.lock(unknown, 1.0) is None
+    assert store.load(unknown) is None
+    assert not secret_file.exists()  # nothing stored yet, so no key needed yet
+
+    store.save(make_record({"v": 1}), time.time())
+
+    assert mode_of(secret_file) == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}\n?", secret_file.read_text())
+    assert mode_of(secret_file.parent) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660], ids=oct)
+def test_secret_readable_by_others_is_refused_naming_chmod_600(store, secret_file, mode):
+    secret_file.parent.mkdir(mode=0o700)
+    secret_file.write_text("ab" * 32 + "\n")
+    secret_file.chmod(mode)
+
+    with pytest.raises(SecretError, match=re.escape(f"chmod 600 {secret_file}")):
+        store.save(make_record({"v": 1}), time.time())
+
+
+def _create_secret_in_child(path: str, out: str, start) -> None:
+    start.wait(20.0)
+    key = load_or_create_secret(path)
+    with open(out, "wb") as stream:
+        stream.write(key)
+
+
+def test_concurrent_secret_creation_by_eight_processes_yields_one_key(tmp_path, secret_file):
+    context = multiprocessing.get_context("spawn")
+    start = context.Event()
+    outputs = [tmp_path / f"key-{i}" for i in range(8)]
+    processes = [
+        context.Process(target=_create_secret_in_child, args=(str(secret_file), str(out), start))
+        for out in outputs
+    ]
+    for process in processes:
+        process.start()
+    try:
+        time.sleep(0.5)  # let them all reach the starting line
+        start.set()
+        for process in processes:
+            process.join(30.0)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5.0)
+
+    assert [process.exitcode for process in processes] == [0] * 8
+    keys = {out.read_bytes() for out in outputs}
+    assert keys == {secret_file.read_bytes().strip()}
+    assert re.fullmatch(rb"[0-9a-f]{64}", keys.pop())
+    assert sorted(path.name for path in secret_file.parent.iterdir()) == [secret_file.name]
