@@ -1,0 +1,1 @@
+"""pyservd: the daemon that serves PyServ applications (process model and operations)."""

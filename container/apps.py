@@ -1,0 +1,95 @@
+"""The configured applications as one WSGI callable, routed by mount.
+
+Used by workers (after fork, so that a reload imports fresh code), by the development
+HTTP listener and by ``pyservd --check``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from pyserv.application import Application, AppSettings
+from pyserv.errors import error_response
+from pyserv.request import RequestLimits
+from pyserv.secret import load_or_create_secret
+from pyserv.stores.base import Envelope
+from pyserv.stores.file import FileStore
+
+from .cache import CachedStore
+from .config import AppConfig, Config, ConfigError
+
+
+def import_module(app: AppConfig, config_path: str) -> Any:
+    """Import *app*'s module (its pythonpath first); ConfigError in one line on failure."""
+    for directory in reversed(app.pythonpath):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    try:
+        return importlib.import_module(app.module)
+    except Exception as exc:
+        raise ConfigError(
+            f"{config_path}: [app:{app.name}] module = {app.module!r}: cannot import: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def build_application(app: AppConfig, config: Config) -> Application:
+    settings = AppSettings(
+        name=app.name,
+        module=app.module,
+        session_dir=app.session_dir,
+        mount=app.mount,
+        session_timeout=app.session_timeout,
+        session_cookie=app.session_cookie,
+        secret_file=app.secret_file,
+        session_fsync=app.session_fsync,
+        session_lock_timeout=app.session_lock_timeout,
+        limits=RequestLimits(max_body=config.server.max_body),
+    )
+    envelope = Envelope(lambda: load_or_create_secret(settings.secret_path))
+    store = FileStore(app.session_dir, envelope, fsync=app.session_fsync)
+    store.ensure_directory()
+    return Application(
+        settings,
+        store=CachedStore(store, app.session_cache_size),
+        module=import_module(app, config.path),
+    )
+
+
+class Router:
+    """Sends each request to the application whose mount prefixes its path."""
+
+    def __init__(self, applications: Iterable[Application]) -> None:
+        by_length = sorted(applications, key=lambda a: len(a.settings.mount or ""), reverse=True)
+        self.applications = by_length
+        self._mounts = [
+            ((a.settings.mount or "").rstrip("/").encode("utf-8").decode("latin-1"), a)
+            for a in by_length
+        ]
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        for mount, application in self._mounts:
+            if path == mount or path.startswith(mount + "/"):
+                return application(environ, start_response)
+        response = error_response(404, "no application is mounted here")
+        start_response(response.status_line, response.headers.items())
+        return [response.body]
+
+    def load_servlets(self) -> None:
+        for application in self.applications:
+            application.load_servlets()
+
+    def close(self) -> None:
+        for application in self.applications:
+            application.close()
+
+    def stores(self) -> list[Any]:
+        return [application.store for application in self.applications]
+
+
+def build_router(config: Config) -> Router:
+    return Router(build_application(app, config) for app in config.apps)

@@ -1,0 +1,472 @@
+"""The master: holds the listening socket, supervises workers, turns signals into actions.
+
+Signal handlers only record: ``signal.set_wakeup_fd`` writes each signal's number to a
+pipe, and the loop reads that pipe (waiting at most a second), calls one short method per
+signal, then runs the reconcilers — reap exited workers, finish or abandon a pending
+reload, keep the worker count, replace workers whose request outlived
+``request_timeout`` or whose heartbeat stopped.
+
+Reload (HUP) goes by generations: the new config is read and validated first (on error:
+one log line, keep serving), a new generation of workers is started, and the old one is
+retired only once every new worker reports that it has booted; if a new worker fails to
+import or ``init()``, it is stopped and the old generation keeps serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from . import logs
+from .config import Config, ConfigError, ListenAddress
+from .config import load as load_config
+from .worker import BOOTING, EXIT_BOOT_FAILED, READY, Worker, WorkerStatus
+
+log = logging.getLogger("pyserv.error")
+
+BOOT_TIMEOUT = 60.0
+RESPAWN_BACKOFF = 1.0
+_HINTS = {signal.SIGKILL: " (killed: out of memory, or a request past request_timeout?)"}
+
+
+class StartupError(Exception):
+    """pyservd cannot start; the message is one line saying why."""
+
+
+@dataclass
+class _Child:
+    pid: int
+    generation: int
+    status: WorkerStatus
+    protocol: str = "fastcgi"
+    started: float = field(default_factory=time.monotonic)
+    retiring: bool = False
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        name = signal.Signals(number).name
+        return f"killed by {name}{_HINTS.get(number, '')}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def open_listener(address: ListenAddress, mode: int, group: str | None) -> socket.socket:
+    """Bind *address*; a Unix socket gets *mode* and *group* before anyone can connect."""
+    if address.kind == "fd":
+        return socket.socket(fileno=0)
+    if address.kind == "tcp":
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host, address.port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+        sock.listen(socket.SOMAXCONN)
+        return sock
+    path = address.path
+    _remove_stale_socket(path)
+    temp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temp)
+        os.chmod(temp, mode)
+        if group is not None:
+            import grp
+
+            os.chown(temp, -1, grp.getgrnam(group).gr_gid)
+        sock.listen(socket.SOMAXCONN)
+        os.rename(temp, path)
+    except OSError as exc:
+        sock.close()
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Refuse if a live server answers on *path*; remove a dead one's leftover socket."""
+    if not os.path.lexists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: left by a daemon that crashed
+        return
+    except OSError as exc:
+        raise StartupError(f"{path} exists and is not a usable socket: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise StartupError(f"{path}: another pyservd is serving this socket; not starting")
+
+
+class Arbiter:
+    """Runs pyservd's master process. ``run()`` returns the exit code."""
+
+    def __init__(self, config: Config, *, http: tuple[str, int] | None = None) -> None:
+        self.config = config
+        self.http = http
+        self._http_listener: socket.socket | None = None
+        self.generation = 1
+        self._children: dict[int, _Child] = {}
+        self._pending: list[int] = []  # pids of a reload's new generation
+        self._pending_config: Config | None = None
+        self._pending_deadline = 0.0
+        self._listener: socket.socket | None = None
+        self._wakeup_read = -1
+        self._next_spawn = 0.0
+        self.started = time.monotonic()
+        self.last_reload = "none"
+        self._stop: str | None = None  # "graceful" or "fast"
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def run(self) -> int:
+        logs.setup(self.config.server)
+        try:
+            self._listener = open_listener(
+                self.config.server.listen,
+                self.config.server.socket_mode,
+                self.config.server.socket_group,
+            )
+            if self.http is not None:
+                host, port = self.http
+                self._http_listener = open_listener(
+                    ListenAddress("tcp", host=host, port=port), 0, None
+                )
+                log.warning(
+                    "development HTTP listener on http://%s:%d/ (not for production)", host, port
+                )
+        except StartupError as exc:
+            log.error("%s", exc)
+            return 1
+        self._write_pidfile()
+        self._install_signals()
+        try:
+            failure = self._boot()
+            if failure is not None:
+                log.error("start-up failed: %s", failure)
+                return 78
+            log.info(
+                "pyservd %d ready: %d worker(s) on %s",
+                os.getpid(),
+                self.config.server.workers,
+                self.config.server.listen,
+            )
+            self._main_loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _boot(self) -> str | None:
+        """Start the first generation; the failure message if a worker cannot boot."""
+        pids = self._spawn_generation(self.config, self.generation)
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while True:
+            for pid, status in self._reap():
+                if pid in pids:
+                    child_status = self._forget(pid)
+                    return child_status.message or _describe_exit(status)
+            if all(self._children[pid].status.state == READY for pid in pids):
+                return None
+            if time.monotonic() > deadline:
+                return f"workers did not boot within {BOOT_TIMEOUT:g} s"
+            if self._read_signals(0.05) & {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}:
+                return "stopped during start-up"
+
+    def _main_loop(self) -> None:
+        handlers = {
+            signal.SIGHUP: self._handle_hup,
+            signal.SIGTERM: self._handle_term,
+            signal.SIGINT: self._handle_fast_stop,
+            signal.SIGQUIT: self._handle_fast_stop,
+            signal.SIGUSR1: self._handle_usr1,
+        }
+        while self._stop is None:
+            for signum in sorted(self._read_signals(1.0)):
+                handler = handlers.get(signum)
+                if handler is not None:
+                    handler()
+            if self._stop is not None:
+                break
+            for pid, status in self._reap():
+                self._on_exit(pid, status)
+            self._reconcile_reload()
+            self._reconcile_count()
+            self._check_deadlines()
+
+    def _shutdown(self) -> None:
+        fast = self._stop == "fast"
+        signum = signal.SIGQUIT if fast else signal.SIGTERM
+        for child in self._children.values():
+            self._kill(child.pid, signum)
+        timeout = 2.0 if fast else self.config.server.graceful_timeout + 2.0
+        deadline = time.monotonic() + timeout
+        while self._children and time.monotonic() < deadline:
+            for pid, _ in self._reap():
+                self._forget(pid)
+            time.sleep(0.05)
+        for child in list(self._children.values()):
+            log.warning("worker %d did not stop in time: SIGKILL", child.pid)
+            self._kill(child.pid, signal.SIGKILL)
+        while self._children:
+            pid, _ = os.waitpid(-1, 0)
+            self._forget(pid)
+        self._close_listener()
+        if self.config.server.pidfile:
+            try:
+                os.unlink(self.config.server.pidfile)
+            except OSError:
+                pass
+        log.info("pyservd %d stopped", os.getpid())
+
+    def _close_listener(self) -> None:
+        if self._listener is None:
+            return
+        listen = self.config.server.listen
+        if listen.kind == "unix":
+            try:
+                if os.stat(listen.path).st_ino == os.fstat(self._listener.fileno()).st_ino:
+                    os.unlink(listen.path)
+            except OSError:
+                pass
+        self._listener.close()
+        self._listener = None
+        if self._http_listener is not None:
+            self._http_listener.close()
+
+    # -- signals ---------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_read = read_fd
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in (
+            signal.SIGHUP,
+            signal.SIGTERM,
+            signal.SIGINT,
+            signal.SIGQUIT,
+            signal.SIGUSR1,
+            signal.SIGCHLD,
+        ):
+            signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
+
+    def _read_signals(self, timeout: float) -> set[int]:
+        import select
+
+        try:
+            ready, _, _ = select.select([self._wakeup_read], [], [], timeout)
+        except InterruptedError:
+            ready = [self._wakeup_read]
+        found: set[int] = set()
+        if ready:
+            try:
+                while True:
+                    data = os.read(self._wakeup_read, 256)
+                    if not data:
+                        break
+                    found.update(data)
+            except BlockingIOError:
+                pass
+        return found
+
+    def _handle_term(self) -> None:
+        log.info("SIGTERM: stopping gracefully")
+        self._stop = "graceful"
+
+    def _handle_fast_stop(self) -> None:
+        log.info("stopping now")
+        self._stop = "fast"
+
+    def _handle_usr1(self) -> None:
+        logs.reopen()
+        for pid in self._children:
+            self._kill(pid, signal.SIGUSR1)
+
+    def _handle_hup(self) -> None:
+        if self._pending:
+            log.warning("SIGHUP: a reload is already in progress; ignored")
+            return
+        try:
+            new_config = load_config(self.config.path)
+        except ConfigError as exc:
+            self.last_reload = f"failed: {exc}"
+            log.error("reload failed, still serving the old configuration: %s", exc)
+            return
+        if new_config.server.listen != self.config.server.listen:
+            log.warning(
+                "reload: listen changed to %s; restart pyservd to apply it",
+                new_config.server.listen,
+            )
+        log.info("SIGHUP: starting generation %d", self.generation + 1)
+        self._pending_config = new_config
+        self._pending_deadline = time.monotonic() + BOOT_TIMEOUT
+        self._pending = self._spawn_generation(new_config, self.generation + 1)
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _spawn_generation(self, config: Config, generation: int) -> list[int]:
+        pids = [self._spawn(config, generation) for _ in range(config.server.workers)]
+        if self._http_listener is not None:
+            pids.append(self._spawn(config, generation, "http"))
+        return pids
+
+    def _spawn(self, config: Config, generation: int, protocol: str = "fastcgi") -> int:
+        listener = self._http_listener if protocol == "http" else self._listener
+        assert listener is not None
+        status = WorkerStatus()
+        worker = Worker(config, listener, status, generation, protocol)
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                os.close(self._wakeup_read)
+                code = worker.run()
+            except BaseException:
+                log.exception("worker %d crashed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self._children[pid] = _Child(pid, generation, status, protocol)
+        return pid
+
+    def _reap(self) -> list[tuple[int, int]]:
+        exited = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            exited.append((pid, status))
+        return exited
+
+    def _forget(self, pid: int) -> WorkerStatus:
+        child = self._children.pop(pid)
+        if pid in self._pending:
+            self._pending.remove(pid)
+        return child.status
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        child = self._children.get(pid)
+        if child is None:
+            return
+        message = child.status.message
+        self._forget(pid)
+        if child.retiring and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            log.info("worker %d (generation %d) retired", pid, child.generation)
+            return
+        detail = f": {message}" if message else ""
+        log.warning(
+            "worker %d (generation %d) %s%s", pid, child.generation, _describe_exit(status), detail
+        )
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_BOOT_FAILED:
+            if child.generation != self.generation:
+                self._abandon_reload(message or "a new worker failed to boot")
+            else:
+                self._next_spawn = time.monotonic() + RESPAWN_BACKOFF
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    def _current(self, protocol: str | None = None) -> list[_Child]:
+        return [
+            c
+            for c in self._children.values()
+            if c.generation == self.generation
+            and not c.retiring
+            and (protocol is None or c.protocol == protocol)
+        ]
+
+    def _reconcile_count(self) -> None:
+        if time.monotonic() < self._next_spawn:
+            return
+        wanted = {"fastcgi": self.config.server.workers}
+        if self._http_listener is not None:
+            wanted["http"] = 1
+        for protocol, count in wanted.items():
+            for _ in range(count - len(self._current(protocol))):
+                pid = self._spawn(self.config, self.generation, protocol)
+                log.info("worker %d started (generation %d, %s)", pid, self.generation, protocol)
+
+    def _reconcile_reload(self) -> None:
+        if self._pending_config is None:
+            return
+        if self._pending and all(
+            self._children[pid].status.state == READY for pid in self._pending
+        ):
+            old = self._current()
+            self.config = self._pending_config
+            self.generation += 1
+            self._pending, self._pending_config = [], None
+            logs.setup(self.config.server)
+            for child in old:
+                child.retiring = True
+                self._kill(child.pid, signal.SIGTERM)
+            self.last_reload = "ok"
+            log.info("reload complete: generation %d serving", self.generation)
+        elif time.monotonic() > self._pending_deadline:
+            self._abandon_reload(f"new workers did not boot within {BOOT_TIMEOUT:g} s")
+
+    def _abandon_reload(self, reason: str) -> None:
+        for pid in list(self._pending):
+            self._kill(pid, signal.SIGKILL)
+            self._children[pid].retiring = True
+        self._pending, self._pending_config = [], None
+        self.last_reload = f"failed: {reason}"
+        log.error("reload failed, old workers keep serving: %s", reason)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        timeout = self.config.server.request_timeout
+        for child in list(self._children.values()):
+            status = child.status
+            if child.retiring:
+                continue
+            if status.state != READY:
+                if status.state == BOOTING and now - child.started > BOOT_TIMEOUT:
+                    log.error("worker %d did not boot in time: SIGKILL", child.pid)
+                    self._kill(child.pid, signal.SIGKILL)
+                continue
+            oldest = status.oldest_request
+            if oldest and now - oldest > timeout:
+                log.error(
+                    "worker %d: a request has run %.0f s (request_timeout %g s): "
+                    "replacing the worker",
+                    child.pid,
+                    now - oldest,
+                    timeout,
+                )
+                self._replace(child)
+            elif now - status.heartbeat > max(timeout, 10.0):
+                log.error("worker %d stopped responding: replacing it", child.pid)
+                self._replace(child)
+
+    def _replace(self, child: _Child) -> None:
+        """SIGKILL: the kernel frees its session locks and nothing half-done is saved."""
+        child.retiring = True
+        self._kill(child.pid, signal.SIGKILL)
+
+    def _write_pidfile(self) -> None:
+        path = self.config.server.pidfile
+        if path:
+            with open(path, "w") as stream:
+                stream.write(f"{os.getpid()}\n")

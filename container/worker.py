@@ -1,0 +1,213 @@
+"""One worker process: imports the apps, serves FastCGI, reports to the master.
+
+The constructor runs in the master and only stores arguments; :meth:`Worker.run` runs
+in the forked child: reseed random, install signals, import the apps and run every
+servlet's ``init()``, then serve until told to stop. What the master needs to know —
+booted or failed (and why), heartbeat, requests served, busy threads, the start of the
+oldest running request — is published in a small shared-memory :class:`WorkerStatus`.
+
+Signals: TERM = stop accepting, finish running requests within ``graceful_timeout``,
+exit 0; INT/QUIT = exit now; USR1 = reopen log files; HUP is the master's.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, Callable
+
+from . import logs
+from .apps import Router, build_router
+from .config import Config, ConfigError
+from .devhttp import DevHTTPServer
+from .fcgi import FastCGIServer
+
+log = logging.getLogger("pyserv.error")
+
+EXIT_BOOT_FAILED = 3  # apps failed to import or init: at start, halt; on reload, keep old
+BOOTING, READY, STOPPING = 0, 1, 2
+
+
+class WorkerStatus:
+    """A worker's state in anonymous shared memory, written by it, read by the master.
+
+    Fields are written without a lock: the master only needs recent values, and each
+    field is naturally aligned.
+    """
+
+    _LAYOUT = struct.Struct("=IIddQQ")  # state, busy, heartbeat, oldest start, requests, -
+    _MESSAGE = 512
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, self._LAYOUT.size + self._MESSAGE)
+
+    def _read(self) -> tuple[int, int, float, float, int, int]:
+        return self._LAYOUT.unpack_from(self._map)
+
+    def publish(self, state: int, busy: int, oldest: float, requests: int) -> None:
+        self._LAYOUT.pack_into(self._map, 0, state, busy, time.monotonic(), oldest, requests, 0)
+
+    def fail(self, message: str) -> None:
+        data = message.encode("utf-8", "replace")[: self._MESSAGE - 1]
+        self._map[self._LAYOUT.size : self._LAYOUT.size + len(data) + 1] = data + b"\0"
+
+    @property
+    def message(self) -> str:
+        raw = self._map[self._LAYOUT.size :]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def state(self) -> int:
+        return self._read()[0]
+
+    @property
+    def busy(self) -> int:
+        return self._read()[1]
+
+    @property
+    def heartbeat(self) -> float:
+        return self._read()[2]
+
+    @property
+    def oldest_request(self) -> float:
+        """Monotonic start time of the oldest running request; 0.0 if none."""
+        return self._read()[3]
+
+    @property
+    def requests(self) -> int:
+        return self._read()[4]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class _RequestTracker:
+    """Wraps the WSGI app: counts requests, knows when each running one started, and
+    gives each a deadline the application enforces before saving a session."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], timeout: float) -> None:
+        self._app = app
+        self._timeout = timeout
+        self._running: dict[int, float] = {}
+        self.requests = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        started = time.monotonic()
+        ident = threading.get_ident()
+        environ["pyserv.deadline"] = started + self._timeout
+        self._running[ident] = started
+        try:
+            return self._app(environ, start_response)
+        finally:
+            del self._running[ident]
+            self.requests += 1
+
+    def oldest(self) -> float:
+        return min(self._running.values(), default=0.0)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        listener: socket.socket,
+        status: WorkerStatus,
+        generation: int,
+        protocol: str = "fastcgi",
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.protocol = protocol
+        self.status = status
+        self.generation = generation
+        self._stop = threading.Event()
+        self._fast_stop = False
+
+    def run(self) -> int:
+        """The child's whole life; returns its exit code."""
+        random.seed()
+        self._install_signals()
+        server_config = self.config.server
+        try:
+            router = build_router(self.config)
+            router.load_servlets()
+        except ConfigError as exc:
+            return self._boot_failed(str(exc))
+        except Exception as exc:
+            log.exception("worker %d: servlet init failed", os.getpid())
+            return self._boot_failed(f"servlet init failed: {type(exc).__name__}: {exc}")
+        tracker = _RequestTracker(logs.access_logged(router), server_config.request_timeout)
+        server_class = DevHTTPServer if self.protocol == "http" else FastCGIServer
+        server = server_class(tracker, self.listener, server_config.threads)
+        sweeper = _Sweeper(router)
+
+        def tick() -> None:
+            self.status.publish(READY, tracker.busy, tracker.oldest(), tracker.requests)
+            if server_config.max_requests and tracker.requests >= server_config.max_requests:
+                log.info("worker %d: served %d requests, recycling", os.getpid(), tracker.requests)
+                self._stop.set()
+            sweeper.maybe_run()
+
+        tick()
+        log.info(
+            "worker %d (generation %d) serving %s", os.getpid(), self.generation, self.protocol
+        )
+        server.serve(self._stop, tick)
+        self.status.publish(STOPPING, tracker.busy, tracker.oldest(), tracker.requests)
+        still_busy = server.drain(0 if self._fast_stop else server_config.graceful_timeout)
+        if still_busy:
+            log.warning("worker %d: %d request(s) still running at exit", os.getpid(), still_busy)
+        router.close()
+        return 0
+
+    def _boot_failed(self, message: str) -> int:
+        log.error("worker %d: %s", os.getpid(), message)
+        self.status.fail(message)
+        return EXIT_BOOT_FAILED
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+        signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))
+        signal.signal(signal.SIGUSR1, lambda *_: logs.reopen())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+class _Sweeper:
+    """Removes expired sessions now and then; the store lets one process sweep at a time."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._next = time.monotonic() + random.uniform(1, self.INTERVAL)
+
+    def maybe_run(self) -> None:
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.INTERVAL
+        threading.Thread(target=self._sweep, name="pyserv-sweep", daemon=True).start()
+
+    def _sweep(self) -> None:
+        for store in self._router.stores():
+            try:
+                removed = store.sweep(time.time())
+            except Exception:
+                log.exception("session sweep failed")
+                continue
+            if removed:
+                log.info("swept %d expired session(s)", removed)
