@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import logs
+from . import handover, logs
 from .config import Config, ConfigError, ListenAddress
 from .config import load as load_config
 from .worker import BOOTING, EXIT_BOOT_FAILED, READY, Worker, WorkerStatus
@@ -44,8 +44,10 @@ class _Child:
     generation: int
     status: WorkerStatus
     protocol: str = "fastcgi"
+    channel: socket.socket | None = None  # master's end; see handover.py
     started: float = field(default_factory=time.monotonic)
     retiring: bool = False
+    kill_at: float = 0.0  # when retiring: SIGKILL if still alive then
 
 
 def _describe_exit(status: int) -> str:
@@ -84,6 +86,8 @@ def open_listener(address: ListenAddress, mode: int, group: str | None) -> socke
             os.chown(temp, -1, grp.getgrnam(group).gr_gid)
         sock.listen(socket.SOMAXCONN)
         os.rename(temp, path)
+        identity = os.stat(path)
+        _socket_files[sock.fileno()] = (identity.st_dev, identity.st_ino)
     except OSError as exc:
         sock.close()
         try:
@@ -92,6 +96,11 @@ def open_listener(address: ListenAddress, mode: int, group: str | None) -> socke
             pass
         raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
     return sock
+
+
+# fd of a bound Unix socket -> (st_dev, st_ino) of its file: fstat() on a socket
+# describes the socket, not the file, so this is how we know the file is still ours.
+_socket_files: dict[int, tuple[int, int]] = {}
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -126,6 +135,7 @@ class Arbiter:
         self._listener: socket.socket | None = None
         self._wakeup_read = -1
         self._next_spawn = 0.0
+        self._handover_turn = 0
         self.started = time.monotonic()
         self.last_reload = "none"
         self._stop: str | None = None  # "graceful" or "fast"
@@ -211,12 +221,12 @@ class Arbiter:
         signum = signal.SIGQUIT if fast else signal.SIGTERM
         for child in self._children.values():
             self._kill(child.pid, signum)
-        timeout = 2.0 if fast else self.config.server.graceful_timeout + 2.0
+        timeout = 2.0 if fast else self.config.server.graceful_timeout + 1.0
         deadline = time.monotonic() + timeout
         while self._children and time.monotonic() < deadline:
             for pid, _ in self._reap():
                 self._forget(pid)
-            time.sleep(0.05)
+            self._read_signals(0.05)  # also closes connections the workers hand back
         for child in list(self._children.values()):
             log.warning("worker %d did not stop in time: SIGKILL", child.pid)
             self._kill(child.pid, signal.SIGKILL)
@@ -235,9 +245,11 @@ class Arbiter:
         if self._listener is None:
             return
         listen = self.config.server.listen
-        if listen.kind == "unix":
+        identity = _socket_files.pop(self._listener.fileno(), None)
+        if listen.kind == "unix" and identity is not None:
             try:
-                if os.stat(listen.path).st_ino == os.fstat(self._listener.fileno()).st_ino:
+                found = os.stat(listen.path)
+                if (found.st_dev, found.st_ino) == identity:
                     os.unlink(listen.path)
             except OSError:
                 pass
@@ -265,12 +277,16 @@ class Arbiter:
     def _read_signals(self, timeout: float) -> set[int]:
         import select
 
+        channels = {c.channel: c for c in self._children.values() if c.channel is not None}
         try:
-            ready, _, _ = select.select([self._wakeup_read], [], [], timeout)
+            ready, _, _ = select.select([self._wakeup_read, *channels], [], [], timeout)
         except InterruptedError:
             ready = [self._wakeup_read]
+        for channel in ready:
+            if channel in channels:
+                self._forward_connections(channels[channel])
         found: set[int] = set()
-        if ready:
+        if self._wakeup_read in ready:
             try:
                 while True:
                     data = os.read(self._wakeup_read, 256)
@@ -280,6 +296,27 @@ class Arbiter:
             except BlockingIOError:
                 pass
         return found
+
+    def _forward_connections(self, sender: _Child) -> None:
+        """Pass the idle connections a retiring worker sent on to a current worker;
+        when there is none (we are stopping), close them."""
+        assert sender.channel is not None
+        fds = handover.receive(sender.channel)
+        if not fds:
+            return
+        targets = [
+            c
+            for c in self._current("fastcgi")
+            if c is not sender and c.status.state == READY and c.channel is not None
+        ]
+        if self._stop is None and targets:
+            self._handover_turn = (self._handover_turn + 1) % len(targets)
+            target = targets[self._handover_turn]
+            assert target.channel is not None
+            unsent = handover.send(target.channel, fds)
+            if unsent:
+                log.warning("worker %d did not take %d connection(s)", target.pid, len(unsent))
+        handover.close_all(fds)  # the master's copies
 
     def _handle_term(self) -> None:
         log.info("SIGTERM: stopping gracefully")
@@ -326,19 +363,25 @@ class Arbiter:
         listener = self._http_listener if protocol == "http" else self._listener
         assert listener is not None
         status = WorkerStatus()
-        worker = Worker(config, listener, status, generation, protocol)
+        master_end, worker_end = handover.channel_pair()
+        worker = Worker(config, listener, status, generation, protocol, worker_end)
         pid = os.fork()
         if pid == 0:  # the child
             code = 1
             try:
                 os.close(self._wakeup_read)
+                master_end.close()
+                for other in self._children.values():
+                    if other.channel is not None:
+                        other.channel.close()
                 code = worker.run()
             except BaseException:
                 log.exception("worker %d crashed", os.getpid())
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self._children[pid] = _Child(pid, generation, status, protocol)
+        worker_end.close()
+        self._children[pid] = _Child(pid, generation, status, protocol, master_end)
         return pid
 
     def _reap(self) -> list[tuple[int, int]]:
@@ -355,6 +398,9 @@ class Arbiter:
 
     def _forget(self, pid: int) -> WorkerStatus:
         child = self._children.pop(pid)
+        if child.channel is not None:
+            self._forward_connections(child)  # what it sent just before it exited
+            child.channel.close()
         if pid in self._pending:
             self._pending.remove(pid)
         return child.status
@@ -419,8 +465,7 @@ class Arbiter:
             self._pending, self._pending_config = [], None
             logs.setup(self.config.server)
             for child in old:
-                child.retiring = True
-                self._kill(child.pid, signal.SIGTERM)
+                self._retire(child)
             self.last_reload = "ok"
             log.info("reload complete: generation %d serving", self.generation)
         elif time.monotonic() > self._pending_deadline:
@@ -440,6 +485,10 @@ class Arbiter:
         for child in list(self._children.values()):
             status = child.status
             if child.retiring:
+                if child.kill_at and now > child.kill_at:
+                    log.warning("worker %d did not retire in time: SIGKILL", child.pid)
+                    child.kill_at = 0.0
+                    self._kill(child.pid, signal.SIGKILL)
                 continue
             if status.state != READY:
                 if status.state == BOOTING and now - child.started > BOOT_TIMEOUT:
@@ -459,6 +508,12 @@ class Arbiter:
             elif now - status.heartbeat > max(timeout, 10.0):
                 log.error("worker %d stopped responding: replacing it", child.pid)
                 self._replace(child)
+
+    def _retire(self, child: _Child) -> None:
+        """Graceful stop: its idle connections come back through its channel."""
+        child.retiring = True
+        child.kill_at = time.monotonic() + self.config.server.graceful_timeout + 1.0
+        self._kill(child.pid, signal.SIGTERM)
 
     def _replace(self, child: _Child) -> None:
         """SIGKILL: the kernel frees its session locks and nothing half-done is saved."""

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from flup.server import fcgi_base
 
+from . import handover
+
 log = logging.getLogger("pyserv.error")
 
 WSGIApp = Callable[..., Any]
@@ -109,10 +111,19 @@ class _Connection(fcgi_base.Connection):
         """Close after the last response without flup's unbounded wait for the peer."""
         self.close()
 
-    def close(self) -> None:
+    def detach(self) -> int:
+        """Give up this connection's fd (to hand it over) without touching the socket."""
+        self.closed = True
+        return self._sock.detach()
+
+    def close(self, drain: bool = True) -> None:
+        """Close; with *drain*, first read what the peer still sends (bounded)."""
         if self.closed:
             return
         self.closed = True
+        if not drain:
+            self._sock.close()
+            return
         try:
             self._sock.shutdown(socket.SHUT_WR)
             self._sock.settimeout(_CLOSE_DRAIN_SECONDS)
@@ -135,9 +146,16 @@ class FastCGIServer:
     worker's heartbeat). ``drain(timeout)`` then waits for running requests.
     """
 
-    def __init__(self, app: WSGIApp, listener: socket.socket, threads: int) -> None:
+    def __init__(
+        self,
+        app: WSGIApp,
+        listener: socket.socket,
+        threads: int,
+        channel: socket.socket | None = None,
+    ) -> None:
         self._server = _WSGIServer(app)
         self._listener = listener
+        self._channel = channel  # to the master: connections handed over, in and out
         self._selector = selectors.DefaultSelector()
         self._ready: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
         self._returned: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
@@ -162,10 +180,14 @@ class FastCGIServer:
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        if self._channel is not None:
+            self._selector.register(self._channel, selectors.EVENT_READ, None)
         while not stop.is_set():
             for key, _ in self._selector.select(tick_interval):
                 if key.fileobj is self._listener:
                     self._accept()
+                elif key.fileobj is self._channel:
+                    self._adopt()
                 elif key.fileobj == self._wake_read:
                     self._drain_wake_pipe()
                 else:
@@ -174,6 +196,16 @@ class FastCGIServer:
             self._take_back_returned()
             tick()
         self._selector.unregister(self._listener)
+        if self._channel is not None:
+            self._selector.unregister(self._channel)
+
+    def _adopt(self) -> None:
+        """Serve connections a retiring worker handed over (see handover.py)."""
+        assert self._channel is not None
+        for fd in handover.receive(self._channel):
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(True)
+            self._selector.register(_Connection(sock, None, self._server), selectors.EVENT_READ)
 
     def _accept(self) -> None:
         while True:
@@ -225,21 +257,36 @@ class FastCGIServer:
                 return
             self._selector.register(connection, selectors.EVENT_READ)
 
-    def _close_idle(self) -> None:
+    def _release_idle(self) -> None:
+        """Hand idle connections to the master (or close them if there is no channel)."""
         self._take_back_returned()
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.fileobj, _Connection):
-                self._selector.unregister(key.fileobj)
-                key.fileobj.close()
+        idle = [
+            key.fileobj
+            for key in list(self._selector.get_map().values())
+            if isinstance(key.fileobj, _Connection)
+        ]
+        for connection in idle:
+            self._selector.unregister(connection)
+        if self._channel is None:
+            for connection in idle:
+                connection.close(drain=False)
+            return
+        fds = [connection.detach() for connection in idle]
+        unsent = handover.send(self._channel, fds)
+        if unsent:
+            log.warning("could not hand over %d idle connection(s): closing them", len(unsent))
+        handover.close_all(fds)  # our copies: the master holds those sent
 
     def drain(self, timeout: float) -> int:
-        """Close idle connections, wait up to *timeout* for busy ones; return how many
-        were still busy. Call after ``serve`` returned."""
+        """Release idle connections, and busy ones as their request ends, for up to
+        *timeout*; return how many were still busy. Call after ``serve`` returned."""
         deadline = time.monotonic() + timeout
-        while self._active and time.monotonic() < deadline:
-            self._close_idle()
-            time.sleep(0.05)
-        self._close_idle()  # includes connections handed back by the last requests
+        while True:
+            self._release_idle()
+            if not self._active or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        self._release_idle()  # includes connections handed back by the last requests
         busy = self._active
         for _ in self._threads:
             self._ready.put(None)

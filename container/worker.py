@@ -126,9 +126,11 @@ class Worker:
         status: WorkerStatus,
         generation: int,
         protocol: str = "fastcgi",
+        channel: socket.socket | None = None,
     ) -> None:
         self.config = config
         self.listener = listener
+        self.channel = channel
         self.protocol = protocol
         self.status = status
         self.generation = generation
@@ -149,8 +151,10 @@ class Worker:
             log.exception("worker %d: servlet init failed", os.getpid())
             return self._boot_failed(f"servlet init failed: {type(exc).__name__}: {exc}")
         tracker = _RequestTracker(logs.access_logged(router), server_config.request_timeout)
-        server_class = DevHTTPServer if self.protocol == "http" else FastCGIServer
-        server = server_class(tracker, self.listener, server_config.threads)
+        if self.protocol == "http":
+            server = DevHTTPServer(tracker, self.listener, server_config.threads)
+        else:
+            server = FastCGIServer(tracker, self.listener, server_config.threads, self.channel)
         sweeper = _Sweeper(router)
 
         def tick() -> None:

@@ -287,6 +287,10 @@ class ApacheServer:
         # Children that outlived the parent (e.g. a CGI script) share its process group.
         self._signal_group(signal.SIGKILL)
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def wait(self) -> int:
         """Block until Apache exits, for as long as that takes; return its exit status."""
         if self._process is None:
