@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from email.utils import formatdate
 from typing import Callable, Union
 
 from .errors import reason_phrase
@@ -220,6 +219,8 @@ class Response:
             parts.append(f"Max-Age={int(max_age)}")
             expires = time.time() + int(max_age) if expires is None else expires
         if expires is not None:
+            from email.utils import formatdate  # costs a CGI process ~5 ms: only when needed
+
             parts.append(f"Expires={formatdate(expires, usegmt=True)}")
         for attribute, text in (("Path", path), ("Domain", domain)):
             if text is not None:
