@@ -22,14 +22,16 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import handover, logs
+from . import handover, logs, systemd
 from .config import Config, ConfigError, ListenAddress
 from .config import load as load_config
+from .control import ControlServer
 from .worker import BOOTING, EXIT_BOOT_FAILED, READY, Worker, WorkerStatus
 
 log = logging.getLogger("pyserv.error")
 
 BOOT_TIMEOUT = 60.0
+STATUS_INTERVAL = 5.0
 RESPAWN_BACKOFF = 1.0
 _HINTS = {signal.SIGKILL: " (killed: out of memory, or a request past request_timeout?)"}
 
@@ -136,6 +138,10 @@ class Arbiter:
         self._wakeup_read = -1
         self._next_spawn = 0.0
         self._handover_turn = 0
+        self._control: ControlServer | None = None
+        self._watchdog = systemd.watchdog_interval()
+        self._next_watchdog = 0.0
+        self._next_status = 0.0
         self.started = time.monotonic()
         self.last_reload = "none"
         self._stop: str | None = None  # "graceful" or "fast"
@@ -144,12 +150,17 @@ class Arbiter:
 
     def run(self) -> int:
         logs.setup(self.config.server)
+        activated = systemd.listen_fds()
         try:
-            self._listener = open_listener(
-                self.config.server.listen,
-                self.config.server.socket_mode,
-                self.config.server.socket_group,
-            )
+            if activated:
+                self._listener = activated[0]  # socket activation: systemd owns the file
+                log.info("serving the socket systemd passed (fd %d)", self._listener.fileno())
+            else:
+                self._listener = open_listener(
+                    self.config.server.listen,
+                    self.config.server.socket_mode,
+                    self.config.server.socket_group,
+                )
             if self.http is not None:
                 host, port = self.http
                 self._http_listener = open_listener(
@@ -161,13 +172,28 @@ class Arbiter:
         except StartupError as exc:
             log.error("%s", exc)
             return 1
+        if self.config.server.control_socket:
+            try:
+                self._control = ControlServer(
+                    self.config.server.control_socket, self._control_request
+                )
+            except OSError as exc:
+                log.error(
+                    "cannot create control socket %s: %s",
+                    self.config.server.control_socket,
+                    exc.strerror,
+                )
+                self._close_listener()
+                return 1
         self._write_pidfile()
         self._install_signals()
         try:
             failure = self._boot()
             if failure is not None:
                 log.error("start-up failed: %s", failure)
+                systemd.notify(f"STATUS=start-up failed: {failure}", "ERRNO=78")
                 return 78
+            systemd.notify("READY=1", self._status_line())
             log.info(
                 "pyservd %d ready: %d worker(s) on %s",
                 os.getpid(),
@@ -215,6 +241,7 @@ class Arbiter:
             self._reconcile_reload()
             self._reconcile_count()
             self._check_deadlines()
+            self._tell_systemd()
 
     def _shutdown(self) -> None:
         fast = self._stop == "fast"
@@ -234,6 +261,8 @@ class Arbiter:
             pid, _ = os.waitpid(-1, 0)
             self._forget(pid)
         self._close_listener()
+        if self._control is not None:
+            self._control.close()
         if self.config.server.pidfile:
             try:
                 os.unlink(self.config.server.pidfile)
@@ -278,13 +307,18 @@ class Arbiter:
         import select
 
         channels = {c.channel: c for c in self._children.values() if c.channel is not None}
+        waitables: list = [self._wakeup_read, *channels]
+        if self._control is not None:
+            waitables.append(self._control)
         try:
-            ready, _, _ = select.select([self._wakeup_read, *channels], [], [], timeout)
+            ready, _, _ = select.select(waitables, [], [], timeout)
         except InterruptedError:
             ready = [self._wakeup_read]
-        for channel in ready:
-            if channel in channels:
-                self._forward_connections(channels[channel])
+        for item in ready:
+            if item in channels:
+                self._forward_connections(channels[item])
+            elif item is self._control:
+                self._control.serve_pending()
         found: set[int] = set()
         if self._wakeup_read in ready:
             try:
@@ -296,6 +330,42 @@ class Arbiter:
             except BlockingIOError:
                 pass
         return found
+
+    def _control_request(self, request: dict) -> dict:
+        command = request.get("command")
+        if command == "status":
+            return {"ok": True, **self.status()}
+        if command == "reload":
+            if self._stop is not None:
+                return {"ok": False, "error": "pyservd is stopping"}
+            self._handle_hup()
+            return {"ok": True, "reload": "started" if self._pending else self.last_reload}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    def status(self) -> dict:
+        """What ``pyservctl status`` shows and systemd's STATUS= summarises."""
+        now = time.monotonic()
+        workers = [
+            {
+                "pid": child.pid,
+                "generation": child.generation,
+                "protocol": child.protocol,
+                "state": {BOOTING: "booting", READY: "ready"}.get(child.status.state, "stopping"),
+                "requests": child.status.requests,
+                "busy": child.status.busy,
+                "retiring": child.retiring,
+            }
+            for child in sorted(self._children.values(), key=lambda c: c.pid)
+        ]
+        return {
+            "pid": os.getpid(),
+            "uptime": round(now - self.started, 1),
+            "generation": self.generation,
+            "reload_in_progress": bool(self._pending),
+            "last_reload": self.last_reload,
+            "workers": workers,
+            "requests": sum(w["requests"] for w in workers),
+        }
 
     def _forward_connections(self, sender: _Child) -> None:
         """Pass the idle connections a retiring worker sent on to a current worker;
@@ -320,11 +390,40 @@ class Arbiter:
 
     def _handle_term(self) -> None:
         log.info("SIGTERM: stopping gracefully")
+        systemd.notify("STOPPING=1", "STATUS=stopping")
         self._stop = "graceful"
 
     def _handle_fast_stop(self) -> None:
         log.info("stopping now")
+        systemd.notify("STOPPING=1", "STATUS=stopping now")
         self._stop = "fast"
+
+    def _status_line(self) -> str:
+        """STATUS= for systemctl status: workers, requests served, live sessions."""
+        workers = self._current("fastcgi")
+        requests = sum(child.status.requests for child in self._children.values())
+        text = f"STATUS={len(workers)} workers, {requests} requests served"
+        sessions = [c.status.sessions for c in workers if c.status.sessions is not None]
+        if sessions:
+            text += f", {max(sessions)} live sessions"
+        if self.last_reload.startswith("failed"):
+            text += f"; last reload {self.last_reload}"
+        return text
+
+    def _tell_systemd(self) -> None:
+        """STATUS= every few seconds; WATCHDOG=1 only while every worker shows progress
+        (a fresh heartbeat), so a stuck worker stops the pings."""
+        now = time.monotonic()
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            systemd.notify(self._status_line())
+        if self._watchdog is None or now < self._next_watchdog:
+            return
+        workers = [c for c in self._current("fastcgi") if c.status.state == READY]
+        fresh = max(self._watchdog, 2.0)
+        if workers and all(now - c.status.heartbeat < fresh for c in workers):
+            systemd.notify("WATCHDOG=1")
+            self._next_watchdog = now + self._watchdog
 
     def _handle_usr1(self) -> None:
         logs.reopen()
@@ -335,11 +434,13 @@ class Arbiter:
         if self._pending:
             log.warning("SIGHUP: a reload is already in progress; ignored")
             return
+        systemd.notify("RELOADING=1", systemd.monotonic_usec(), "STATUS=reloading")
         try:
             new_config = load_config(self.config.path)
         except ConfigError as exc:
             self.last_reload = f"failed: {exc}"
             log.error("reload failed, still serving the old configuration: %s", exc)
+            systemd.notify("READY=1", self._status_line())
             return
         if new_config.server.listen != self.config.server.listen:
             log.warning(
@@ -468,6 +569,7 @@ class Arbiter:
                 self._retire(child)
             self.last_reload = "ok"
             log.info("reload complete: generation %d serving", self.generation)
+            systemd.notify("READY=1", self._status_line())
         elif time.monotonic() > self._pending_deadline:
             self._abandon_reload(f"new workers did not boot within {BOOT_TIMEOUT:g} s")
 
@@ -478,6 +580,7 @@ class Arbiter:
         self._pending, self._pending_config = [], None
         self.last_reload = f"failed: {reason}"
         log.error("reload failed, old workers keep serving: %s", reason)
+        systemd.notify("READY=1", self._status_line())
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()

@@ -65,6 +65,9 @@ class CachedStore(SessionStore):
     def sweep(self, now: float) -> int:
         return self.store.sweep(now)
 
+    def count(self) -> int:
+        return self.store.count()
+
     def _remember(self, record: SessionRecord) -> None:
         if self.size == 0:
             return

@@ -189,6 +189,14 @@ SETTINGS: tuple[Setting, ...] = (
         "file to write the master's pid to",
         is_path=True,
     ),
+    Setting(
+        "pyservd",
+        "control_socket",
+        _optional(str),
+        None,
+        "pyservctl's socket (0600); default pyservd.ctl beside a unix: listen socket",
+        is_path=True,
+    ),
     Setting("pyservd", "error_log", str, "-", "error log path, - for stderr", is_path=True),
     Setting("pyservd", "access_log", _log_target, None, "access log path, - or off", is_path=True),
     Setting("pyservd", "log_level", _log_level, "info", "error log level"),
@@ -231,6 +239,7 @@ class ServerConfig:
     graceful_timeout: float
     max_requests: int
     pidfile: str | None
+    control_socket: str | None
     error_log: str
     access_log: str | None
     log_level: str
@@ -314,7 +323,11 @@ def load(path: str) -> Config:
     apps = []
     for section in parser.sections():
         if section == "pyservd":
-            server = ServerConfig(**_section_values(path, parser, section, "pyservd"))
+            values = _section_values(path, parser, section, "pyservd")
+            if values["control_socket"] is None and values["listen"].kind == "unix":
+                directory = os.path.dirname(values["listen"].path)
+                values["control_socket"] = os.path.join(directory, "pyservd.ctl")
+            server = ServerConfig(**values)
         elif section.startswith("app:") and re.fullmatch(r"[A-Za-z0-9_.-]+", section[4:]):
             values = _section_values(path, parser, section, "app")
             apps.append(AppConfig(name=section[4:], **values))

@@ -43,25 +43,32 @@ class WorkerStatus:
     field is naturally aligned.
     """
 
-    _LAYOUT = struct.Struct("=IIddQQ")  # state, busy, heartbeat, oldest start, requests, -
+    # Written by the serving loop: state, busy, heartbeat, oldest request start, requests.
+    _LAYOUT = struct.Struct("=IIddQ")
+    # Written by the sweeper thread: live sessions + 1 (0 = not counted yet).
+    _SESSIONS = struct.Struct("=Q")
     _MESSAGE = 512
+    _MESSAGE_AT = _LAYOUT.size + _SESSIONS.size
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, self._LAYOUT.size + self._MESSAGE)
+        self._map = mmap.mmap(-1, self._MESSAGE_AT + self._MESSAGE)
 
-    def _read(self) -> tuple[int, int, float, float, int, int]:
+    def _read(self) -> tuple[int, int, float, float, int]:
         return self._LAYOUT.unpack_from(self._map)
 
     def publish(self, state: int, busy: int, oldest: float, requests: int) -> None:
-        self._LAYOUT.pack_into(self._map, 0, state, busy, time.monotonic(), oldest, requests, 0)
+        self._LAYOUT.pack_into(self._map, 0, state, busy, time.monotonic(), oldest, requests)
+
+    def publish_sessions(self, count: int) -> None:
+        self._SESSIONS.pack_into(self._map, self._LAYOUT.size, count + 1)
 
     def fail(self, message: str) -> None:
         data = message.encode("utf-8", "replace")[: self._MESSAGE - 1]
-        self._map[self._LAYOUT.size : self._LAYOUT.size + len(data) + 1] = data + b"\0"
+        self._map[self._MESSAGE_AT : self._MESSAGE_AT + len(data) + 1] = data + b"\0"
 
     @property
     def message(self) -> str:
-        raw = self._map[self._LAYOUT.size :]
+        raw = self._map[self._MESSAGE_AT :]
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     @property
@@ -84,6 +91,12 @@ class WorkerStatus:
     @property
     def requests(self) -> int:
         return self._read()[4]
+
+    @property
+    def sessions(self) -> int | None:
+        """Live sessions of this worker's apps at its last sweep; None before one."""
+        (stored,) = self._SESSIONS.unpack_from(self._map, self._LAYOUT.size)
+        return stored - 1 if stored else None
 
     def close(self) -> None:
         self._map.close()
@@ -155,7 +168,7 @@ class Worker:
             server = DevHTTPServer(tracker, self.listener, server_config.threads)
         else:
             server = FastCGIServer(tracker, self.listener, server_config.threads, self.channel)
-        sweeper = _Sweeper(router)
+        sweeper = _Sweeper(router, self.status)
 
         def tick() -> None:
             self.status.publish(READY, tracker.busy, tracker.oldest(), tracker.requests)
@@ -192,13 +205,16 @@ class Worker:
 
 
 class _Sweeper:
-    """Removes expired sessions now and then; the store lets one process sweep at a time."""
+    """Removes expired sessions now and then (the store lets one process sweep at a
+    time), then publishes how many live sessions remain, for systemd's STATUS=."""
 
     INTERVAL = 60.0
+    FIRST_AFTER = (1.0, 5.0)  # seconds after start: a count soon, workers not in step
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, status: WorkerStatus) -> None:
         self._router = router
-        self._next = time.monotonic() + random.uniform(1, self.INTERVAL)
+        self._status = status
+        self._next = time.monotonic() + random.uniform(*self.FIRST_AFTER)
 
     def maybe_run(self) -> None:
         if time.monotonic() < self._next:
@@ -207,11 +223,14 @@ class _Sweeper:
         threading.Thread(target=self._sweep, name="pyserv-sweep", daemon=True).start()
 
     def _sweep(self) -> None:
+        live = 0
         for store in self._router.stores():
             try:
                 removed = store.sweep(time.time())
+                live += store.count()
             except Exception:
                 log.exception("session sweep failed")
-                continue
+                return
             if removed:
                 log.info("swept %d expired session(s)", removed)
+        self._status.publish_sessions(live)

@@ -148,7 +148,7 @@ class Application:
         try:
             servlet = self.dispatcher.find(name)
         except Exception:
-            log.exception("request %s: servlet %r failed to initialise", request.request_id, name)
+            log.exception("request_id=%s servlet %r failed to initialise", request.request_id, name)
             return error_response(500, "", request.request_id)
         if servlet is None:
             raise HTTPError(404, "no such servlet")
@@ -160,11 +160,11 @@ class Application:
                 servlet.run(request, response)
             except HTTPError as exc:
                 if response.streaming:
-                    log.warning("request %s: %s after response.flush()", request.request_id, exc)
+                    log.warning("request_id=%s %s after response.flush()", request.request_id, exc)
                     return response
                 return exc.to_response(request.request_id)
             except Exception:
-                log.exception("request %s: servlet %s raised", request.request_id, name)
+                log.exception("request_id=%s servlet %s raised", request.request_id, name)
                 return (
                     response if response.streaming else error_response(500, "", request.request_id)
                 )
@@ -178,20 +178,20 @@ class Application:
         request_id = request.request_id
         deadline = request.environ.get("pyserv.deadline")
         if deadline is not None and time.monotonic() > deadline:
-            log.error("request %s: past its deadline; session changes discarded", request_id)
+            log.error("request_id=%s past its deadline; session changes discarded", request_id)
             return error_response(504, "the request took too long", request_id)
         try:
             scope.commit(response)
         except (StoreUnavailable, SessionConflict) as exc:
-            log.error("request %s: session not saved: %s", request_id, exc)
+            log.error("request_id=%s session not saved: %s", request_id, exc)
             return error_response(
                 503, "session storage unavailable, try again", request_id, [("Retry-After", "1")]
             )
         except (SessionValueError, SecretError) as exc:
-            log.error("request %s: session not saved: %s", request_id, exc)
+            log.error("request_id=%s session not saved: %s", request_id, exc)
             return error_response(500, "", request_id)
         except Exception:
-            log.exception("request %s: session not saved", request_id)
+            log.exception("request_id=%s session not saved", request_id)
             return error_response(500, "", request_id)
         return response
 

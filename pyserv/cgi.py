@@ -57,7 +57,7 @@ def _application_or_error(settings):  # noqa: ANN001, ANN202 - private
     except Exception:
         request_id = new_request_id()
         logging.getLogger("pyserv.error").exception(
-            "request %s: cannot load servlet module %r", request_id, settings.module
+            "request_id=%s cannot load servlet module %r", request_id, settings.module
         )
 
         def broken(environ, start_response):  # noqa: ANN001, ANN202

@@ -219,6 +219,10 @@ class SessionStore(ABC):
 
     envelope: Envelope
 
+    def count(self) -> int:
+        """How many sessions are stored (expired ones not yet swept included)."""
+        raise NotImplementedError
+
     def discard(self, sid: str) -> None:
         """The request holding *sid* discarded its changes (a cache drops its copy)."""
         return None

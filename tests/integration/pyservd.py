@@ -245,10 +245,18 @@ def _error_log(config: Path) -> Path | None:
 class Pyservd:
     """One ``python -m container.cli --config FILE`` process and its workers."""
 
-    def __init__(self, config: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+        stdin: int | None = None,
+    ) -> None:
         self.config = config
         self.work_dir = config.parent
         self.args = args
+        self.env = dict(env or {})  # added to the environment
+        self.stdin = stdin  # an fd for its stdin (default /dev/null)
         self.log_path = self.work_dir / f"{config.stem}.log"  # its stderr
         self.error_log = _error_log(config)
         self.process: subprocess.Popen[bytes] | None = None
@@ -269,12 +277,13 @@ class Pyservd:
     def start(self, wait: str = "ready") -> Pyservd:
         """Start; *wait* is "ready" (the master logged it), "socket" or "none"."""
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
                 cwd=REPO_ROOT,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if self.stdin is None else self.stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -378,8 +387,16 @@ class Daemons(contextlib.AbstractContextManager):
         self._cleanup.callback(shutil.rmtree, work_dir, True)
         return work_dir
 
-    def start(self, config: Path, wait: str = "ready", args: tuple[str, ...] = ()) -> Pyservd:
-        daemon = Pyservd(config, args)
+    def start(
+        self,
+        config: Path,
+        wait: str = "ready",
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+        stdin: int | None = None,
+        daemon_class: type[Pyservd] | None = None,
+    ) -> Pyservd:
+        daemon = (daemon_class or Pyservd)(config, args, env, stdin)
         self._cleanup.callback(daemon.stop)
         return daemon.start(wait)
 

@@ -173,5 +173,5 @@ def test_servlet_exception_is_500_with_request_id_and_logged_traceback(
     request_id = match.group(1).decode()
     # mod_cgid copies the script's stderr to the error log as it arrives: wait for it.
     log = wait_for_log(server, "RuntimeError: secret detail")
-    assert f"request {request_id}" in log
+    assert f"request_id={request_id}" in log
     assert "Traceback (most recent call last)" in log
