@@ -26,6 +26,7 @@ from . import handover, logs, systemd
 from .config import Config, ConfigError, ListenAddress
 from .config import load as load_config
 from .control import ControlServer
+from .reloader import ChangeWatcher
 from .worker import BOOTING, EXIT_BOOT_FAILED, READY, Worker, WorkerStatus
 
 log = logging.getLogger("pyserv.error")
@@ -125,9 +126,12 @@ def _remove_stale_socket(path: str) -> None:
 class Arbiter:
     """Runs pyservd's master process. ``run()`` returns the exit code."""
 
-    def __init__(self, config: Config, *, http: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, config: Config, *, http: tuple[str, int] | None = None, reload: bool = False
+    ) -> None:
         self.config = config
         self.http = http
+        self._watcher = ChangeWatcher(config) if reload else None
         self._http_listener: socket.socket | None = None
         self.generation = 1
         self._children: dict[int, _Child] = {}
@@ -242,6 +246,7 @@ class Arbiter:
             self._reconcile_count()
             self._check_deadlines()
             self._tell_systemd()
+            self._reload_on_change()
 
     def _shutdown(self) -> None:
         fast = self._stop == "fast"
@@ -397,6 +402,14 @@ class Arbiter:
         log.info("stopping now")
         systemd.notify("STOPPING=1", "STATUS=stopping now")
         self._stop = "fast"
+
+    def _reload_on_change(self) -> None:
+        if self._watcher is None or self._pending:
+            return
+        changes = self._watcher.changed(self.config)
+        if changes:
+            log.info("--reload: %s changed", ", ".join(changes[:3]))
+            self._handle_hup()
 
     def _status_line(self) -> str:
         """STATUS= for systemctl status: workers, requests served, live sessions."""

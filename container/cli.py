@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--http", metavar="HOST:PORT", help="also serve plain HTTP on HOST:PORT (development only)"
     )
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="replace the workers when the config or the apps' code changes (development)",
+    )
     parser.add_argument("--version", action="version", version=f"pyservd {pyserv.__version__}")
     return parser
 
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     from .arbiter import Arbiter
 
-    return Arbiter(config, http=http).run()
+    return Arbiter(config, http=http, reload=args.reload).run()
 
 
 def _parse_http(text: str) -> tuple[str, int]:

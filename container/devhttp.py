@@ -43,5 +43,8 @@ class DevHTTPServer:
             self._server.handle_request()
             tick()
 
+    def wake(self) -> None:
+        """Nothing to do: ``serve`` looks at its stop event every tick."""
+
     def drain(self, timeout: float) -> int:
         return 0

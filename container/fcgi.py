@@ -234,13 +234,20 @@ class FastCGIServer:
             try:
                 if connection.serve_until_idle():
                     self._returned.put(connection)
-                    os.write(self._wake_write, b"x")
+                    self.wake()
             except Exception:
                 log.exception("FastCGI connection failed")
                 connection.close()
             finally:
                 with self._active_lock:
                     self._active -= 1
+
+    def wake(self) -> None:
+        """Make ``serve`` look at its stop event now (safe from a signal handler)."""
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is already pending
 
     def _drain_wake_pipe(self) -> None:
         try:

@@ -148,7 +148,7 @@ class Worker:
         self.status = status
         self.generation = generation
         self._stop = threading.Event()
-        self._fast_stop = False
+        self._wake: Callable[[], None] | None = None  # the server's, once serving
 
     def run(self) -> int:
         """The child's whole life; returns its exit code."""
@@ -177,17 +177,23 @@ class Worker:
                 self._stop.set()
             sweeper.maybe_run()
 
+        self._wake = server.wake
         tick()
         log.info(
             "worker %d (generation %d) serving %s", os.getpid(), self.generation, self.protocol
         )
         server.serve(self._stop, tick)
         self.status.publish(STOPPING, tracker.busy, tracker.oldest(), tracker.requests)
-        still_busy = server.drain(0 if self._fast_stop else server_config.graceful_timeout)
+        still_busy = server.drain(server_config.graceful_timeout)
         if still_busy:
             log.warning("worker %d: %d request(s) still running at exit", os.getpid(), still_busy)
         router.close()
         return 0
+
+    def _request_stop(self) -> None:
+        self._stop.set()
+        if self._wake is not None:
+            self._wake()
 
     def _boot_failed(self, message: str) -> int:
         log.error("worker %d: %s", os.getpid(), message)
@@ -196,7 +202,7 @@ class Worker:
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: os._exit(0))
         signal.signal(signal.SIGQUIT, lambda *_: os._exit(0))
         signal.signal(signal.SIGUSR1, lambda *_: logs.reopen())

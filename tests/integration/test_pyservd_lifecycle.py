@@ -4,13 +4,26 @@ to import keeps the old workers serving."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from pyservd import Daemons, alive, get, start_site, wait_until
+from pyservd import (
+    Daemons,
+    alive,
+    body_number,
+    get,
+    proxy_fcgi_apache_config,
+    start_site,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +100,56 @@ def test_reload_whose_code_fails_to_import_keeps_the_old_workers(
     assert "deliberately broken" in daemon.log_text()
     wait_until(lambda: sorted(daemon.workers()) == sorted(workers), 5, "only the old workers")
     assert get(apache.base_url, "/testapp/Pid").status == 200
+
+
+def test_five_reloads_under_wrk_load_fail_no_request(daemons: Daemons, apache_factory) -> None:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("wrk missing: scripts/test installs it with apt")
+        pytest.skip("wrk missing: apt-get install wrk, or run scripts/test as root")
+    daemon, apache = start_site(daemons, apache_factory, server={"graceful_timeout": "3"})
+    load = subprocess.Popen(
+        [wrk, "-t2", "-c16", "-d8s", "--timeout", "5s", f"{apache.base_url}/testapp/Pid"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        for generation in range(2, 7):
+            daemon.signal(signal.SIGHUP)
+            daemon.wait_for_log(f"reload complete: generation {generation} serving")
+            time.sleep(0.4)
+        report, _ = load.communicate(timeout=20)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+
+    requests = int(re.search(r"(\d+) requests in", report).group(1))
+    assert requests > 1000, report  # the load really ran across the reloads
+    assert "Non-2xx" not in report, report
+    assert "Socket errors" not in report, report
+
+
+def test_reload_flag_serves_changed_code_and_sessions_survive(
+    daemons: Daemons, apache_factory
+) -> None:
+    work = daemons.work_dir()
+    daemon = daemons.start(write_config(work), args=("--reload",))
+    apache = apache_factory(
+        ["proxy", "proxy_fcgi"], extra_config=proxy_fcgi_apache_config(daemon.socket)
+    )
+    first = get(apache.base_url, "/testapp/Count")
+    sid = first.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
+    assert body_number(get(apache.base_url, "/testapp/Count", sid).body, "count") == 1
+
+    module = work / "apps" / "probe.py"
+    old_workers = daemon.workers()
+    version = "\n\nclass Version:\n    def run(self, q, r):\n        r.write('version=2\\n')\n"
+    module.write_text(module.read_text() + version)
+    daemon.wait_for_log("reload complete: generation 2 serving")
+    wait_until(lambda: not any(alive(p) for p in old_workers), 5, "old workers to retire")
+
+    assert get(apache.base_url, "/testapp/Version").body == b"version=2\n"
+    assert body_number(get(apache.base_url, "/testapp/Count", sid).body, "count") == 2
