@@ -47,9 +47,19 @@ def build_application(app: AppConfig, config: Config) -> Application:
         secret_file=app.secret_file,
         session_fsync=app.session_fsync,
         session_lock_timeout=app.session_lock_timeout,
-        limits=RequestLimits(max_body=config.server.max_body),
+        max_session_bytes=app.max_session_bytes,
+        max_sessions=app.max_sessions,
+        new_session_timeout=app.new_session_timeout,
+        limits=RequestLimits(
+            max_body=config.server.max_body,
+            max_params=config.server.max_params,
+            max_param_bytes=config.server.max_param_bytes,
+            max_header_bytes=config.server.max_header_bytes,
+        ),
     )
-    envelope = Envelope(lambda: load_or_create_secret(settings.secret_path))
+    envelope = Envelope(
+        lambda: load_or_create_secret(settings.secret_path), max_bytes=app.max_session_bytes
+    )
     store = FileStore(app.session_dir, envelope, fsync=app.session_fsync)
     store.ensure_directory()
     return Application(

@@ -1,7 +1,7 @@
 """The master: holds the listening socket, supervises workers, turns signals into actions.
 
 Signal handlers only record: ``signal.set_wakeup_fd`` writes each signal's number to a
-pipe, and the loop reads that pipe (waiting at most a second), calls one short method per
+pipe, and the loop reads that pipe (waiting at most LOOP_INTERVAL), calls one short method per
 signal, then runs the reconcilers — reap exited workers, finish or abandon a pending
 reload, keep the worker count, replace workers whose request outlived
 ``request_timeout`` or whose heartbeat stopped.
@@ -33,6 +33,8 @@ log = logging.getLogger("pyserv.error")
 
 BOOT_TIMEOUT = 60.0
 STATUS_INTERVAL = 5.0
+KILL_GRACE = 0.5  # after request_timeout: time for the worker to answer 504 itself
+LOOP_INTERVAL = 0.25  # the longest the master sleeps: how late a stuck worker is killed
 RESPAWN_BACKOFF = 1.0
 _HINTS = {signal.SIGKILL: " (killed: out of memory, or a request past request_timeout?)"}
 
@@ -214,10 +216,13 @@ class Arbiter:
         pids = self._spawn_generation(self.config, self.generation)
         deadline = time.monotonic() + BOOT_TIMEOUT
         while True:
-            for pid, status in self._reap():
-                if pid in pids:
-                    child_status = self._forget(pid)
-                    return child_status.message or _describe_exit(status)
+            failure = None
+            for pid, status in self._reap():  # forget every one reaped: none is reaped twice
+                child_status = self._forget(pid)
+                if failure is None and pid in pids:
+                    failure = child_status.message or _describe_exit(status)
+            if failure is not None:
+                return failure
             if all(self._children[pid].status.state == READY for pid in pids):
                 return None
             if time.monotonic() > deadline:
@@ -234,7 +239,7 @@ class Arbiter:
             signal.SIGUSR1: self._handle_usr1,
         }
         while self._stop is None:
-            for signum in sorted(self._read_signals(1.0)):
+            for signum in sorted(self._read_signals(LOOP_INTERVAL)):
                 handler = handlers.get(signum)
                 if handler is not None:
                     handler()
@@ -612,7 +617,7 @@ class Arbiter:
                     self._kill(child.pid, signal.SIGKILL)
                 continue
             oldest = status.oldest_request
-            if oldest and now - oldest > timeout:
+            if oldest and now - oldest > timeout + KILL_GRACE:
                 log.error(
                     "worker %d: a request has run %.0f s (request_timeout %g s): "
                     "replacing the worker",

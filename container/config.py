@@ -177,6 +177,20 @@ SETTINGS: tuple[Setting, ...] = (
         30.0,
         "seconds before a request's worker is replaced",
     ),
+    Setting(
+        "pyservd",
+        "read_timeout",
+        _seconds,
+        30.0,
+        "seconds an incomplete request or a stalled body may take before its connection is closed",
+    ),
+    Setting(
+        "pyservd",
+        "max_connections",
+        _integer(1),
+        1024,
+        "open connections per worker (more: refused)",
+    ),
     Setting("pyservd", "graceful_timeout", _seconds, 10.0, "seconds to finish requests on stop"),
     Setting(
         "pyservd", "max_requests", _integer(0), 0, "recycle a worker after N requests (0 = never)"
@@ -201,6 +215,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pyservd", "access_log", _log_target, None, "access log path, - or off", is_path=True),
     Setting("pyservd", "log_level", _log_level, "info", "error log level"),
     Setting("pyservd", "max_body", _size, 10 * 1024 * 1024, "largest request body (413 beyond)"),
+    Setting(
+        "pyservd",
+        "max_params",
+        _integer(1),
+        1000,
+        "query string fields plus form fields or parts per request (400 beyond)",
+    ),
+    Setting(
+        "pyservd",
+        "max_param_bytes",
+        _size,
+        1024 * 1024,
+        "query string plus form data held in memory (400 for the query, 413 for a body)",
+    ),
+    Setting(
+        "pyservd",
+        "max_header_bytes",
+        _size,
+        64 * 1024,
+        "request header names and values together (431 beyond)",
+    ),
     Setting("app", "mount", _mount, _REQUIRED, "URL path the app is served under"),
     Setting("app", "module", _module, _REQUIRED, "module defining the servlet classes"),
     Setting("app", "pythonpath", _paths, (), "directories prepended to sys.path", is_path=True),
@@ -224,6 +259,27 @@ SETTINGS: tuple[Setting, ...] = (
         10.0,
         "seconds to wait for a busy session (503 beyond)",
     ),
+    Setting(
+        "app",
+        "max_session_bytes",
+        _size,
+        1024 * 1024,
+        "largest session, pickled (a bigger one is not stored: 500)",
+    ),
+    Setting(
+        "app",
+        "max_sessions",
+        _integer(0),
+        0,
+        "stored sessions; beyond, a request creating one gets 503 (0 = unlimited)",
+    ),
+    Setting(
+        "app",
+        "new_session_timeout",
+        _integer(0),
+        300,
+        "idle seconds of a new session until its cookie comes back (0 = session_timeout)",
+    ),
 )
 
 
@@ -236,6 +292,8 @@ class ServerConfig:
     workers: int
     threads: int
     request_timeout: float
+    read_timeout: float
+    max_connections: int
     graceful_timeout: float
     max_requests: int
     pidfile: str | None
@@ -244,6 +302,9 @@ class ServerConfig:
     access_log: str | None
     log_level: str
     max_body: int
+    max_params: int
+    max_param_bytes: int
+    max_header_bytes: int
 
 
 @dataclass(frozen=True)
@@ -259,6 +320,9 @@ class AppConfig:
     session_cache_size: int
     session_fsync: bool
     session_lock_timeout: float
+    max_session_bytes: int
+    max_sessions: int
+    new_session_timeout: int
 
 
 @dataclass(frozen=True)

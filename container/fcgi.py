@@ -1,15 +1,25 @@
 """FastCGI serving: the only module that imports flup.
 
-flup decodes records and adapts them to WSGI; this module owns the connections. flup's
-own loop runs a thread per connection (so Apache's persistent ``enablereuse``
-connections would pin every thread while idle), installs signal handlers of its own,
-and uses ``select()``, which fails above fd 1024. Here instead a selector watches idle
-connections and a fixed pool of threads each serves one readable connection until it
-is idle again; so ``threads`` bounds running requests, not connections.
+flup adapts a request to WSGI and writes the response; this module owns everything that
+reads from the web server, because flup (checked on this machine) has no limits and no
+timeouts: a malformed record hangs a connection, a name-value pair split across PARAMS
+records arrives truncated, any number of parameters is accepted, and its loop gives
+every connection a thread, so idle or half-open connections starve real requests.
+
+Here one I/O thread (the caller of :meth:`FastCGIServer.serve`) reads every connection
+without blocking, parses records itself and collects a request's PARAMS whole, within
+limits. Only a request whose PARAMS are complete is handed to one of a fixed pool of
+threads, so ``threads`` bounds running requests, and slow or idle connections cost a
+file descriptor, never a thread. The I/O thread also answers on its own, without a
+thread: 431 for oversized parameters, 503 when no thread frees up within
+``queue_timeout``, 504 for a request past ``request_timeout`` (the master then replaces
+the worker). A malformed record or an incomplete request older than ``read_timeout``
+closes its connection with one log line.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -19,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from flup.server import fcgi_base
@@ -28,19 +39,64 @@ from . import handover
 log = logging.getLogger("pyserv.error")
 
 WSGIApp = Callable[..., Any]
+_HEADER = struct.Struct("!BBHHBx")  # version, type, request id, content length, padding
+_BEGIN_BODY = struct.Struct("!HB5x")  # role, flags
 _CLOSE_DRAIN_SECONDS = 1.0
-_RECORD_HANDLERS = {
-    fcgi_base.FCGI_GET_VALUES: "_do_get_values",
-    fcgi_base.FCGI_BEGIN_REQUEST: "_do_begin_request",
-    fcgi_base.FCGI_ABORT_REQUEST: "_do_abort_request",
-    fcgi_base.FCGI_PARAMS: "_do_params",
-    fcgi_base.FCGI_STDIN: "_do_stdin",
-    fcgi_base.FCGI_DATA: "_do_data",
-}
-_ERROR_PAGE = (
-    b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-    b"Internal Server Error\n"
-)
+_RECV_BYTES = 65536
+_DEADLINE_CHECK_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    read_timeout: float = 30.0  # an incomplete request, or a stalled body, this long: close
+    max_connections: int = 1024  # per worker; more are closed at once
+    max_fcgi_params: int = 1000  # FastCGI parameters (CGI variables, headers): 431 beyond
+    max_fcgi_param_bytes: int = 256 * 1024  # their encoded size: 431 beyond
+    queue_timeout: float = 1.0  # wait for a free thread this long, then 503
+    request_timeout: float = 30.0  # then 504, and the master replaces the worker
+
+
+class ProtocolError(Exception):
+    """Input that is not FastCGI as the web server speaks it: close the connection."""
+
+
+def decode_params(data: bytes, max_count: int) -> dict[str, str] | None:
+    """Decode a request's whole PARAMS stream; None if it has more than *max_count*."""
+    params: dict[str, str] = {}
+    position, end = 0, len(data)
+    while position < end:
+        lengths = []
+        for _ in range(2):
+            if position >= end:
+                raise ProtocolError("truncated name-value length")
+            if data[position] < 128:
+                lengths.append(data[position])
+                position += 1
+            elif position + 4 <= end:
+                lengths.append(struct.unpack_from("!I", data, position)[0] & 0x7FFFFFFF)
+                position += 4
+            else:
+                raise ProtocolError("truncated name-value length")
+        name_end = position + lengths[0]
+        value_end = name_end + lengths[1]
+        if value_end > end:
+            raise ProtocolError("name-value pair longer than its PARAMS stream")
+        if len(params) >= max_count:
+            return None
+        params[data[position:name_end].decode("latin-1")] = data[name_end:value_end].decode(
+            "latin-1"
+        )
+        position = value_end
+    return params
+
+
+def _canned(status: str, text: str, extra: str = "") -> bytes:
+    body = f"{text}\n".encode()
+    head = (
+        f"Status: {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode("latin-1") + body
 
 
 class _WSGIServer(fcgi_base.BaseFCGIServer):
@@ -63,53 +119,253 @@ class _WSGIServer(fcgi_base.BaseFCGIServer):
             ("SERVER_PROTOCOL", "HTTP/1.0"),
         ):
             environ.setdefault(name, default)
+        # The FastCGI STDIN stream has an end: a chunked body (no CONTENT_LENGTH) can be
+        # read to it; flup does not say so, and PEP 3333 readers would read nothing.
+        environ["wsgi.input_terminated"] = True
 
     def error(self, req: Any) -> None:
         log.error("FastCGI request %s failed in the WSGI adapter", req.requestId)
-        req.stdout.write(_ERROR_PAGE)
-
-
-def _readable_now(sock: socket.socket) -> bool:
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True  # let the next read see the error
+        req.stdout.write(_canned("500 Internal Server Error", "Internal Server Error"))
 
 
 class _Connection(fcgi_base.Connection):
-    """One web-server connection, served in turns by pool threads."""
+    """One web-server connection. The I/O thread parses it up to a complete request
+    (:meth:`receive`); a pool thread then runs that request (:meth:`run_ready`)."""
 
-    def __init__(self, sock: socket.socket, addr: Any, server: _WSGIServer) -> None:
-        super().__init__(sock, addr, server, 0)
+    def __init__(self, sock: socket.socket, server: _WSGIServer, limits: TransportLimits):
+        super().__init__(sock, None, server, 0)
+        sock.settimeout(limits.read_timeout)  # bounds a pool thread's body reads and writes
+        self.limits = limits
         self.closed = False
+        self.ready: Any = None  # the request whose PARAMS are complete, not yet run
+        self.running: tuple[Any, float] | None = None  # (request, monotonic start)
+        self.partial_since = 0.0  # when the current incomplete request began
+        self._buffer = bytearray()
+        self._params = bytearray()
+        self._params_overflow = False
+        self._write_lock = threading.Lock()
+        self._muted = False  # the request was answered for: drop its servlet's output
+        self._broken = False  # its input ended early: close once the request is done
+        self._quick_close = False  # closing from the I/O thread: no blocking drain
 
-    def serve_until_idle(self) -> bool:
-        """Handle records until no request is open and no input waits; False if closed."""
-        self._keepGoing = True
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # -- parsing (I/O thread, and pool thread while a request reads its body) ----------
+
+    def _next_record(self) -> tuple[int, int, bytes] | None:
+        buffer = self._buffer
+        if len(buffer) < _HEADER.size:
+            return None
+        version, kind, request_id, length, padding = _HEADER.unpack_from(buffer)
+        if version != fcgi_base.FCGI_VERSION_1:
+            raise ProtocolError(f"record version {version}")
+        total = _HEADER.size + length + padding
+        if len(buffer) < total:
+            return None
+        content = bytes(buffer[_HEADER.size : _HEADER.size + length])
+        del buffer[:total]
+        return kind, request_id, content
+
+    def receive(self) -> None:
+        """Read what the socket has (it is readable) and parse up to a complete request.
+
+        Raises EOFError when the peer closed, ProtocolError on malformed input.
+        """
         try:
-            while self._keepGoing:
-                self.process_input()
-                if not self._requests and not _readable_now(self._sock):
-                    return self._keepGoing
-        except (EOFError, OSError, struct.error):
-            pass
-        self.close()
-        return False
+            data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise EOFError from exc
+        if not data:
+            raise EOFError
+        self._buffer += data
+        self.parse()
+
+    def parse(self) -> None:
+        while self.ready is None:
+            record = self._next_record()
+            if record is None:
+                break
+            self._handle(*record)
+        waiting = self.ready is None and bool(self._buffer or self._requests)
+        if not waiting:
+            self.partial_since = 0.0
+        elif not self.partial_since:
+            self.partial_since = time.monotonic()
+
+    def _handle(self, kind: int, request_id: int, content: bytes) -> None:
+        request = self._requests.get(request_id)
+        if kind == fcgi_base.FCGI_BEGIN_REQUEST:
+            if request_id == fcgi_base.FCGI_NULL_REQUEST_ID or len(content) != _BEGIN_BODY.size:
+                raise ProtocolError("malformed BEGIN_REQUEST")
+            if self._requests:
+                raise ProtocolError("a second request while one is open (multiplexing)")
+            role, flags = _BEGIN_BODY.unpack(content)
+            request = self.server.request_class(self, self._inputStreamClass, 0)
+            request.requestId, request.role, request.flags = request_id, role, flags
+            request.aborted = False
+            self._requests[request_id] = request
+            self._params.clear()
+            self._params_overflow = False
+        elif kind == fcgi_base.FCGI_PARAMS:
+            if request is None:
+                raise ProtocolError("PARAMS without BEGIN_REQUEST")
+            if content:
+                if len(self._params) + len(content) > self.limits.max_fcgi_param_bytes:
+                    self._params_overflow = True
+                    self._params.clear()
+                elif not self._params_overflow:
+                    self._params += content
+                return
+            params = None
+            if not self._params_overflow:
+                params = decode_params(bytes(self._params), self.limits.max_fcgi_params)
+            self._params.clear()
+            if params is None:
+                log.warning("FastCGI request with too many or too large parameters: 431")
+                self.answer(request, "431 Request Header Fields Too Large", "headers too large")
+                return
+            request.params = params
+            self.ready = request
+        elif kind in (fcgi_base.FCGI_STDIN, fcgi_base.FCGI_DATA):
+            if request is not None:  # else: the tail of a request already answered
+                raise ProtocolError("STDIN before the PARAMS stream ended")
+        elif kind == fcgi_base.FCGI_ABORT_REQUEST:
+            if request is not None:
+                self.answer(request, "503 Service Unavailable", "aborted")
+        elif kind == fcgi_base.FCGI_GET_VALUES:
+            self._answer_get_values(content)
+        elif request_id == fcgi_base.FCGI_NULL_REQUEST_ID:
+            self._do_unknown_type(self._record(kind, request_id, content))
+        else:
+            raise ProtocolError(f"unexpected record type {kind}")
+
+    def _answer_get_values(self, content: bytes) -> None:
+        # flup's own answer compares the names as bytes with str keys: always empty.
+        names = decode_params(content, self.limits.max_fcgi_params) or {}
+        capability = self.server.capability
+        reply = b"".join(
+            fcgi_base.encode_pair(name.encode("latin-1"), str(capability[name]).encode("latin-1"))
+            for name in names
+            if name in capability
+        )
+        self.writeRecord(self._record(fcgi_base.FCGI_GET_VALUES_RESULT, 0, reply))
+
+    @staticmethod
+    def _record(kind: int, request_id: int, content: bytes) -> Any:
+        record = fcgi_base.Record(kind, request_id)
+        record.contentData, record.contentLength = content, len(content)
+        return record
 
     def process_input(self) -> None:
-        record = fcgi_base.Record()
-        record.read(self._sock)  # EOFError on end of stream or read error
-        handler = _RECORD_HANDLERS.get(record.type)
-        if handler is not None:
-            getattr(self, handler)(record)
-        elif record.requestId == fcgi_base.FCGI_NULL_REQUEST_ID:
-            self._do_unknown_type(record)
+        """One record for the running request (flup's InputStream calls this for more
+        body): from the buffer, else from the socket, waiting at most ``read_timeout``."""
+        while True:
+            try:
+                record = self._next_record()
+            except ProtocolError as exc:
+                log.warning("malformed FastCGI record while reading a body: %s", exc)
+                record = None
+                self._end_input()
+                return
+            if record is not None:
+                break
+            try:
+                data = self._sock.recv(_RECV_BYTES)
+            except OSError:
+                data = b""
+            if not data:
+                self._end_input()
+                return
+            self._buffer += data
+        kind, request_id, content = record
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        if kind == fcgi_base.FCGI_STDIN:
+            request.stdin.add_data(content)
+        elif kind == fcgi_base.FCGI_DATA:
+            request.data.add_data(content)
+        elif kind == fcgi_base.FCGI_ABORT_REQUEST:
+            request.aborted = True
+            self._end_input()
+
+    def _end_input(self) -> None:
+        """The body will not come (timeout, close, garbage): end it; the app sees a short
+        body (a 400), and the connection is closed after the response."""
+        self._broken = True
+        for request in self._requests.values():
+            request.stdin.add_data(b"")
+            request.data.add_data(b"")
+
+    # -- answering and running --------------------------------------------------------
+
+    def writeRecord(self, rec: Any) -> None:  # noqa: N802 - flup's name
+        with self._write_lock:
+            if not self._muted and not self.closed:
+                rec.write(self._sock)
+
+    def answer(self, request: Any, status: str, text: str, extra: str = "") -> None:
+        """Answer *request* with a small error response and end it (I/O thread)."""
+        stdout = fcgi_base.OutputStream(self, request, fcgi_base.FCGI_STDOUT)
+        self._quick_close = True  # on a Unix socket nothing sent is lost by closing
+        try:
+            stdout.write(_canned(status, text, extra))
+            stdout.close()
+            self.end_request(request)
+        except OSError:
+            self.close(drain=False)
+        finally:
+            self._quick_close = False
+        if self.ready is request:
+            self.ready = None
+
+    def answer_late(self) -> None:
+        """504 for the running request (called from the I/O thread): anything its
+        servlet writes later is dropped, and the connection is shut so the web server
+        does not send it another request; the master replaces this worker."""
+        running = self.running
+        if running is None:
+            return
+        request = running[0]
+        with self._write_lock:
+            if self._muted or self.closed:
+                return
+            try:
+                if not request.stdout.dataWritten:
+                    for payload in (_canned("504 Gateway Timeout", "request timed out"), b""):
+                        record = self._record(fcgi_base.FCGI_STDOUT, request.requestId, payload)
+                        record.write(self._sock)
+                    end = self._record(
+                        fcgi_base.FCGI_END_REQUEST,
+                        request.requestId,
+                        struct.pack(fcgi_base.FCGI_EndRequestBody, 0, 0),
+                    )
+                    end.write(self._sock)
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._muted = True
+
+    def run_ready(self) -> bool:
+        """Run the ready request (pool thread); True if the connection stays open."""
+        request, self.ready = self.ready, None
+        self.running = (request, time.monotonic())
+        try:
+            request.run()  # flup: WSGI app, response records, END_REQUEST
+        except OSError:
+            self._broken = True
+        finally:
+            self.running = None
+        if self._broken or self._muted:
+            self.close(drain=False)
+        return not self.closed
 
     def _cleanupSocket(self) -> None:  # noqa: N802 - flup's name
-        """Close after the last response without flup's unbounded wait for the peer."""
-        self.close()
+        """After the last response of a connection without FCGI_KEEP_CONN."""
+        self.close(drain=not self._quick_close)
 
     def detach(self) -> int:
         """Give up this connection's fd (to hand it over) without touching the socket."""
@@ -117,33 +373,35 @@ class _Connection(fcgi_base.Connection):
         return self._sock.detach()
 
     def close(self, drain: bool = True) -> None:
-        """Close; with *drain*, first read what the peer still sends (bounded)."""
+        """Close; with *drain*, first read what the peer still sends (bounded), since
+        unread input would turn the close into a reset that can lose our reply."""
         if self.closed:
             return
         self.closed = True
-        if not drain:
-            self._sock.close()
-            return
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-            self._sock.settimeout(_CLOSE_DRAIN_SECONDS)
-            deadline = time.monotonic() + _CLOSE_DRAIN_SECONDS
-            while time.monotonic() < deadline and self._sock.recv(4096):
-                pass  # unread input would turn our close into a reset that loses the reply
-        except OSError:
-            pass
+        if drain:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+                self._sock.settimeout(_CLOSE_DRAIN_SECONDS)
+                deadline = time.monotonic() + _CLOSE_DRAIN_SECONDS
+                while time.monotonic() < deadline and self._sock.recv(4096):
+                    pass
+            except OSError:
+                pass
         self._sock.close()
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
+    @property
+    def idle(self) -> bool:
+        """Nothing received of a next request: safe to hand over."""
+        return not self._buffer and not self._requests and self.ready is None
 
 
 class FastCGIServer:
     """Serve *app* over FastCGI on *listener* with a fixed pool of *threads*.
 
-    ``serve(stop)`` runs the connection loop in the calling thread until ``stop`` is
-    set; ``tick`` is called at least every ``tick_interval`` seconds from that loop (the
-    worker's heartbeat). ``drain(timeout)`` then waits for running requests.
+    ``serve(stop, tick)`` runs the I/O loop in the calling thread until ``stop`` is set,
+    calling ``tick`` at least every ``tick_interval`` seconds (the worker's heartbeat);
+    ``drain(timeout)`` then finishes what was received and hands idle connections to
+    the master over *channel* (see handover.py), or closes them without one.
     """
 
     def __init__(
@@ -152,16 +410,24 @@ class FastCGIServer:
         listener: socket.socket,
         threads: int,
         channel: socket.socket | None = None,
+        limits: TransportLimits | None = None,
     ) -> None:
         self._server = _WSGIServer(app)
         self._listener = listener
-        self._channel = channel  # to the master: connections handed over, in and out
+        self._channel = channel
+        self.limits = limits or TransportLimits()
         self._selector = selectors.DefaultSelector()
         self._ready: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
         self._returned: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
+        self._waiting: collections.deque[tuple[_Connection, float]] = collections.deque()
+        self._dispatched: set[_Connection] = set()
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._active = 0
         self._active_lock = threading.Lock()
+        self._accepting = False
+        self._next_refusal_log = 0.0
+        self._next_deadline_check = 0.0
+        self._doomed = False  # a request outlived request_timeout: the master replaces us
         self._threads = [
             threading.Thread(target=self._work, name=f"pyserv-{n}", daemon=True)
             for n in range(threads)
@@ -169,8 +435,25 @@ class FastCGIServer:
 
     @property
     def active(self) -> int:
-        """Connections being served by a thread right now."""
+        """Requests being run by a pool thread right now."""
         return self._active
+
+    @property
+    def connections(self) -> int:
+        return (
+            len(self._dispatched)
+            + len(self._waiting)
+            + sum(isinstance(key.fileobj, _Connection) for key in self._selector.get_map().values())
+        )
+
+    def wake(self) -> None:
+        """Make the I/O loop look at its stop event now (safe from a signal handler)."""
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is already pending
+
+    # -- the I/O loop -----------------------------------------------------------------
 
     def serve(
         self, stop: threading.Event, tick: Callable[[], None], tick_interval: float = 0.5
@@ -178,39 +461,49 @@ class FastCGIServer:
         for thread in self._threads:
             thread.start()
         self._listener.setblocking(False)
-        self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._selector.register(self._wake_read, selectors.EVENT_READ, None)
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_read, selectors.EVENT_READ)
         if self._channel is not None:
-            self._selector.register(self._channel, selectors.EVENT_READ, None)
+            self._selector.register(self._channel, selectors.EVENT_READ)
+        self._accepting = True
         while not stop.is_set():
-            for key, _ in self._selector.select(tick_interval):
-                if key.fileobj is self._listener:
-                    self._accept()
-                elif key.fileobj is self._channel:
-                    self._adopt()
-                elif key.fileobj == self._wake_read:
-                    self._drain_wake_pipe()
-                else:
-                    self._selector.unregister(key.fileobj)
-                    self._dispatch(key.fileobj)
-            self._take_back_returned()
+            self._loop_once(tick_interval)
             tick()
-        self._selector.unregister(self._listener)
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self._listener)
         if self._channel is not None:
             self._selector.unregister(self._channel)
 
-    def _adopt(self) -> None:
-        """Serve connections a retiring worker handed over (see handover.py)."""
-        assert self._channel is not None
-        for fd in handover.receive(self._channel):
-            sock = socket.socket(fileno=fd)
-            sock.setblocking(True)
-            self._selector.register(_Connection(sock, None, self._server), selectors.EVENT_READ)
+    def _loop_once(self, timeout: float) -> None:
+        for key, _ in self._selector.select(timeout):
+            item = key.fileobj
+            if item is self._listener:
+                self._accept()
+            elif item is self._channel:
+                self._adopt()
+            elif item == self._wake_read:
+                self._drain_wake_pipe()
+            else:
+                self._on_readable(item)
+        self._take_back_returned()
+        self._dispatch_waiting()
+        self._enforce_deadlines()
+        if self._doomed:
+            self._stop_taking_work()
+
+    def _stop_taking_work(self) -> None:
+        """After a 504 this worker is about to be replaced (its stuck thread can only end
+        with the process): its idle connections go to the other workers now."""
+        if self._accepting:
+            self._accepting = False
+            self._selector.unregister(self._listener)
+        self._release_idle()
 
     def _accept(self) -> None:
-        while True:
+        while self._accepting:
             try:
-                sock, addr = self._listener.accept()
+                sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -218,13 +511,119 @@ class FastCGIServer:
                     log.error("cannot accept a connection: %s", exc.strerror)
                     return
                 raise
-            sock.setblocking(True)
-            self._selector.register(_Connection(sock, addr, self._server), selectors.EVENT_READ)
+            if self.connections >= self.limits.max_connections:
+                self._refuse(sock)
+                continue
+            self._watch(_Connection(sock, self._server, self.limits))
 
-    def _dispatch(self, connection: _Connection) -> None:
-        with self._active_lock:
-            self._active += 1
-        self._ready.put(connection)
+    def _refuse(self, sock: socket.socket) -> None:
+        sock.close()
+        now = time.monotonic()
+        if now >= self._next_refusal_log:
+            self._next_refusal_log = now + 10.0
+            log.warning("connection refused: %d open (max_connections)", self.connections)
+
+    def _adopt(self) -> None:
+        """Serve connections a retiring worker handed over (see handover.py)."""
+        assert self._channel is not None
+        for fd in handover.receive(self._channel):
+            self._watch(_Connection(socket.socket(fileno=fd), self._server, self.limits))
+
+    def _watch(self, connection: _Connection) -> None:
+        self._selector.register(connection, selectors.EVENT_READ)
+
+    def _on_readable(self, connection: _Connection) -> None:
+        try:
+            connection.receive()
+        except EOFError:
+            self._forget(connection)
+            return
+        except ProtocolError as exc:
+            log.warning("malformed FastCGI input (%s): connection closed", exc)
+            self._forget(connection)
+            return
+        except Exception:
+            log.exception("FastCGI connection failed: closed")
+            self._forget(connection)
+            return
+        if connection.closed:
+            self._forget(connection)
+        elif connection.ready is not None:
+            self._selector.unregister(connection)
+            self._waiting.append((connection, time.monotonic() + self.limits.queue_timeout))
+
+    def _forget(self, connection: _Connection) -> None:
+        if self._is_watched(connection):
+            self._selector.unregister(connection)
+        connection.close(drain=False)
+
+    def _is_watched(self, connection: _Connection) -> bool:
+        try:
+            self._selector.get_key(connection)
+        except KeyError:
+            return False
+        return True
+
+    def _dispatch_waiting(self) -> None:
+        while self._waiting and self._active < len(self._threads):
+            connection, _ = self._waiting.popleft()
+            with self._active_lock:
+                self._active += 1
+            self._dispatched.add(connection)
+            self._ready.put(connection)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        if now < self._next_deadline_check and not self._waiting:
+            return
+        self._next_deadline_check = now + _DEADLINE_CHECK_INTERVAL
+        while self._waiting and self._waiting[0][1] <= now:
+            connection, _ = self._waiting.popleft()
+            log.warning(
+                "all %d threads busy for %.1f s: 503", len(self._threads), self.limits.queue_timeout
+            )
+            connection.answer(
+                connection.ready,
+                "503 Service Unavailable",
+                "server busy, try again",
+                "Retry-After: 1\r\n",
+            )
+            self._back_to_idle(connection)
+        for key in list(self._selector.get_map().values()):
+            connection = key.fileobj
+            if (
+                isinstance(connection, _Connection)
+                and connection.partial_since
+                and now - connection.partial_since > self.limits.read_timeout
+            ):
+                log.warning(
+                    "incomplete FastCGI request for %.0f s: connection closed",
+                    now - connection.partial_since,
+                )
+                self._forget(connection)
+        for connection in list(self._dispatched):
+            running = connection.running
+            if running is not None and now - running[1] > self.limits.request_timeout:
+                log.error(
+                    "request running %.0f s (request_timeout): answered 504", now - running[1]
+                )
+                connection.answer_late()
+                self._doomed = True
+
+    def _back_to_idle(self, connection: _Connection) -> None:
+        """A connection whose request is done: parse what it already sent, then watch."""
+        if connection.closed:
+            return
+        try:
+            connection.parse()
+        except ProtocolError as exc:
+            log.warning("malformed FastCGI input (%s): connection closed", exc)
+            connection.close(drain=False)
+            return
+        if connection.ready is not None:
+            self._waiting.append((connection, time.monotonic() + self.limits.queue_timeout))
+        else:
+            self._watch(connection)
 
     def _work(self) -> None:
         while True:
@@ -232,22 +631,15 @@ class FastCGIServer:
             if connection is None:
                 return
             try:
-                if connection.serve_until_idle():
-                    self._returned.put(connection)
-                    self.wake()
+                connection.run_ready()
             except Exception:
                 log.exception("FastCGI connection failed")
-                connection.close()
+                connection.close(drain=False)
             finally:
                 with self._active_lock:
                     self._active -= 1
-
-    def wake(self) -> None:
-        """Make ``serve`` look at its stop event now (safe from a signal handler)."""
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:
-            pass  # a wake-up is already pending
+                self._returned.put(connection)
+                self.wake()
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -262,15 +654,17 @@ class FastCGIServer:
                 connection = self._returned.get_nowait()
             except queue.Empty:
                 return
-            self._selector.register(connection, selectors.EVENT_READ)
+            self._dispatched.discard(connection)
+            self._back_to_idle(connection)
+
+    # -- stopping ---------------------------------------------------------------------
 
     def _release_idle(self) -> None:
         """Hand idle connections to the master (or close them if there is no channel)."""
-        self._take_back_returned()
         idle = [
             key.fileobj
             for key in list(self._selector.get_map().values())
-            if isinstance(key.fileobj, _Connection)
+            if isinstance(key.fileobj, _Connection) and key.fileobj.idle
         ]
         for connection in idle:
             self._selector.unregister(connection)
@@ -285,16 +679,20 @@ class FastCGIServer:
         handover.close_all(fds)  # our copies: the master holds those sent
 
     def drain(self, timeout: float) -> int:
-        """Release idle connections, and busy ones as their request ends, for up to
-        *timeout*; return how many were still busy. Call after ``serve`` returned."""
+        """Finish requests already received, for up to *timeout*, releasing connections
+        as they go idle; return how many were still running. Call after ``serve``."""
         deadline = time.monotonic() + timeout
         while True:
             self._release_idle()
-            if not self._active or time.monotonic() >= deadline:
+            pending = self._active or self._waiting or self.connections
+            if not pending or time.monotonic() >= deadline:
                 break
-            time.sleep(0.02)
-        self._release_idle()  # includes connections handed back by the last requests
+            self._loop_once(0.02)
         busy = self._active
+        for key in list(self._selector.get_map().values()):
+            if isinstance(key.fileobj, _Connection):
+                self._selector.unregister(key.fileobj)
+                key.fileobj.close(drain=False)
         for _ in self._threads:
             self._ready.put(None)
         return busy

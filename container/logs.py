@@ -8,6 +8,8 @@ the session id (never the id itself). Files are reopened on USR1 (logrotate).
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import sys
 import time
 from collections.abc import Iterable
@@ -19,20 +21,51 @@ ERROR_FORMAT = "%(asctime)s pid=%(process)d level=%(levelname)s %(message)s"
 
 
 class _ReopenableFileHandler(logging.FileHandler):
+    """A log file that USR1 reopens. Opened by the root master, it is given to *owner*
+    (uid, gid), whom the workers run as, so that they can reopen it too (gunicorn does
+    the same); a reopen that fails keeps the old file rather than killing the process."""
+
+    def __init__(self, target: str, owner: tuple[int, int] | None) -> None:
+        self._owner = owner
+        super().__init__(target, encoding="utf-8")
+
+    def _open(self):  # noqa: ANN202 - logging's signature
+        stream = super()._open()
+        if self._owner is not None:
+            os.fchown(stream.fileno(), *self._owner)
+        return stream
+
     def reopen(self) -> None:
         self.acquire()
         try:
+            try:
+                stream = self._open()
+            except OSError as exc:
+                failure = f"cannot reopen {self.baseFilename}: {exc.strerror}; still writing"
+                logging.getLogger("pyserv.error").warning("%s to the old file", failure)
+                return
             if self.stream is not None:
                 self.stream.close()
-            self.stream = self._open()
+            self.stream = stream
         finally:
             self.release()
 
 
-def _handler(target: str) -> logging.Handler:
+def _handler(target: str, owner: tuple[int, int] | None) -> logging.Handler:
     if target == "-":
         return logging.StreamHandler(sys.stderr)
-    return _ReopenableFileHandler(target, encoding="utf-8")
+    return _ReopenableFileHandler(target, owner)
+
+
+def _log_owner(server: ServerConfig) -> tuple[int, int] | None:
+    """Whom log files are given to: the workers' user when the master runs as root."""
+    if os.geteuid() != 0 or server.user is None:
+        return None
+    try:
+        entry = pwd.getpwnam(server.user)
+    except KeyError:
+        return None
+    return entry.pw_uid, entry.pw_gid
 
 
 def setup(server: ServerConfig) -> None:
@@ -43,7 +76,8 @@ def setup(server: ServerConfig) -> None:
         for old in list(logger.handlers):
             logger.removeHandler(old)
             old.close()
-    handler = _handler(server.error_log)
+    owner = _log_owner(server)
+    handler = _handler(server.error_log, owner)
     handler.setFormatter(logging.Formatter(ERROR_FORMAT))
     error.addHandler(handler)
     error.setLevel(server.log_level.upper())
@@ -52,7 +86,7 @@ def setup(server: ServerConfig) -> None:
         access.disabled = True
     else:
         access.disabled = False
-        access_handler = _handler(server.access_log)
+        access_handler = _handler(server.access_log, owner)
         access_handler.setFormatter(logging.Formatter("%(message)s"))
         access.addHandler(access_handler)
         access.setLevel(logging.INFO)

@@ -1,8 +1,9 @@
 """One worker process: imports the apps, serves FastCGI, reports to the master.
 
 The constructor runs in the master and only stores arguments; :meth:`Worker.run` runs
-in the forked child: reseed random, install signals, import the apps and run every
-servlet's ``init()``, then serve until told to stop. What the master needs to know —
+in the forked child: reseed random, install signals, check the session directories and
+drop privileges (:mod:`container.privileges`), import the apps and run every servlet's
+``init()``, then serve until told to stop. What the master needs to know —
 booted or failed (and why), heartbeat, requests served, busy threads, the start of the
 oldest running request — is published in a small shared-memory :class:`WorkerStatus`.
 
@@ -24,11 +25,11 @@ import time
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from . import logs
+from . import logs, privileges
 from .apps import Router, build_router
 from .config import Config, ConfigError
 from .devhttp import DevHTTPServer
-from .fcgi import FastCGIServer
+from .fcgi import FastCGIServer, TransportLimits
 
 log = logging.getLogger("pyserv.error")
 
@@ -154,8 +155,10 @@ class Worker:
         """The child's whole life; returns its exit code."""
         random.seed()
         self._install_signals()
+        os.environ.pop("HTTP_PROXY", None)  # httpoxy: may come from a request (mod_fcgid)
         server_config = self.config.server
         try:
+            privileges.enter_worker(self.config)  # before any servlet import or session
             router = build_router(self.config)
             router.load_servlets()
         except ConfigError as exc:
@@ -167,7 +170,14 @@ class Worker:
         if self.protocol == "http":
             server = DevHTTPServer(tracker, self.listener, server_config.threads)
         else:
-            server = FastCGIServer(tracker, self.listener, server_config.threads, self.channel)
+            limits = TransportLimits(
+                read_timeout=server_config.read_timeout,
+                max_connections=server_config.max_connections,
+                request_timeout=server_config.request_timeout,
+            )
+            server = FastCGIServer(
+                tracker, self.listener, server_config.threads, self.channel, limits
+            )
         sweeper = _Sweeper(router, self.status)
 
         def tick() -> None:

@@ -3,7 +3,8 @@
 CGI, the FastCGI daemon, mod_fcgid and the development listener all call the same
 :class:`Application`, so no deployment mode has its own dispatch or session logic.
 
-Per request: decode the path, find the servlet, run it inside a :class:`SessionScope`,
+Per request: check the limits the environ alone can show (headers, query string,
+Content-Length), decode the path, find the servlet, run it inside a :class:`SessionScope`,
 then save the session (only if modified) *before* anything is sent, so a response the
 client sees always reflects stored state. Any exception discards the session's changes
 and becomes an error page; a 500 page shows only the request id, the traceback goes to
@@ -24,11 +25,11 @@ from typing import Any, Callable
 
 from .dispatch import Dispatcher
 from .errors import HTTPError, error_response
-from .request import Request, RequestLimits
+from .request import Request, RequestLimits, check_limits
 from .response import Response
 from .secret import SecretError, load_or_create_secret
 from .servlet import ServletContext
-from .session import SessionInterface, SessionScope
+from .session import SessionInterface, SessionScope, TooManySessions
 from .stores.base import (
     Envelope,
     SessionConflict,
@@ -56,6 +57,9 @@ class AppSettings:
     secret_file: str | None = None  # None: <session_dir>/.secret
     session_fsync: bool = False
     session_lock_timeout: float = 10.0
+    max_session_bytes: int = 1024 * 1024  # pickled; a bigger session is not stored: 500
+    max_sessions: int = 0  # stored sessions; beyond, a request creating one gets 503
+    new_session_timeout: int = 300  # idle timeout until the session's cookie comes back
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     @property
@@ -92,7 +96,10 @@ class Application:
         )
         self.dispatcher = Dispatcher(self.module, self.context)
         if store is None:
-            envelope = Envelope(lambda: load_or_create_secret(settings.secret_path))
+            envelope = Envelope(
+                lambda: load_or_create_secret(settings.secret_path),
+                max_bytes=settings.max_session_bytes,
+            )
             store = FileStore(settings.session_dir, envelope, fsync=settings.session_fsync)
         self.store = store
         self.sessions = SessionInterface(
@@ -100,6 +107,8 @@ class Application:
             cookie_name=settings.session_cookie,
             timeout=settings.session_timeout,
             lock_timeout=settings.session_lock_timeout,
+            new_session_timeout=settings.new_session_timeout,
+            max_sessions=settings.max_sessions,
         )
         mount = (settings.mount or "").rstrip("/")
         self._wsgi_mount = mount.encode("utf-8").decode("latin-1") if settings.mount else None
@@ -111,6 +120,7 @@ class Application:
         self._split_mount(environ)
         request: Request | None = None
         try:
+            check_limits(environ, self.settings.limits)
             request = Request(environ, self.settings.limits, request_id=request_id)
             response = self._handle(request, start_response)
         except HTTPError as exc:
@@ -186,6 +196,10 @@ class Application:
             log.error("request_id=%s session not saved: %s", request_id, exc)
             return error_response(
                 503, "session storage unavailable, try again", request_id, [("Retry-After", "1")]
+            )
+        except TooManySessions:
+            return error_response(
+                503, "too many sessions, try again later", request_id, [("Retry-After", "60")]
             )
         except (SessionValueError, SecretError) as exc:
             log.error("request_id=%s session not saved: %s", request_id, exc)

@@ -22,10 +22,21 @@ def cgimain(
     session_timeout: int = 3600,
     session_cookie: str = "PYSERVSID",
     max_body: int = RequestLimits.max_body,
+    max_params: int = RequestLimits.max_params,
+    max_param_bytes: int = RequestLimits.max_param_bytes,
+    max_header_bytes: int = RequestLimits.max_header_bytes,
+    max_session_bytes: int = 1024 * 1024,
+    max_sessions: int = 0,
+    new_session_timeout: int = 300,
 ) -> None:
     """Serve the one request in this process's environment with servlets from the module
     *servlet_prefix*, keeping sessions in *session_dir* (relative to the working directory,
-    which Apache sets to the script's directory)."""
+    which Apache sets to the script's directory).
+
+    The keyword arguments are pyservd's settings of the same names. ``max_sessions``
+    counts the session directory once per session created (each CGI process starts
+    afresh), so keep it off (0) unless sessions are few or created rarely.
+    """
     os.environ.pop("HTTP_PROXY", None)  # httpoxy: before anything reads the environment
     from wsgiref.handlers import CGIHandler
 
@@ -42,7 +53,15 @@ def cgimain(
         session_timeout=session_timeout,
         session_cookie=session_cookie,
         secret_file=secret_file,
-        limits=RequestLimits(max_body=max_body),
+        max_session_bytes=max_session_bytes,
+        max_sessions=max_sessions,
+        new_session_timeout=new_session_timeout,
+        limits=RequestLimits(
+            max_body=max_body,
+            max_params=max_params,
+            max_param_bytes=max_param_bytes,
+            max_header_bytes=max_header_bytes,
+        ),
     )
     CGIHandler().run(_application_or_error(settings))
 

@@ -2,8 +2,11 @@
 
 Everything is parsed on first use and cached: the query string on first ``query``, the
 body on first ``form``/``files``/``body``. Limits (:class:`RequestLimits`) are enforced
-while reading, so an oversized or lying body is never buffered whole: too large is 413,
-malformed or undecodable is 400 (raised as :class:`~pyserv.errors.HTTPError`).
+while reading, so an oversized or lying body is never buffered whole. What the environ
+alone shows is checked before any servlet runs (:func:`check_limits`). One status per
+kind of problem (raised as :class:`~pyserv.errors.HTTPError`): 413 when the body is over
+a limit, 431 when the headers are, 400 for too many parameters, an over-long query
+string, or anything malformed, undecodable or shorter than its Content-Length.
 """
 
 from __future__ import annotations
@@ -22,11 +25,45 @@ _CHUNK = 64 * 1024
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """Per-app request limits; each maps to one status when exceeded."""
+    """Request limits (pyservd's ``[pyservd]`` keys of the same names); each maps to one
+    status when exceeded. Parameters are the query string's fields plus the body's
+    (urlencoded fields or multipart parts): one budget for both, so splitting them
+    between URL and body gains nothing."""
 
     max_body: int = 10 * 1024 * 1024  # bytes of body -> 413
-    max_form_fields: int = 1000  # urlencoded fields or multipart parts -> 413
-    max_form_memory: int = 1024 * 1024  # urlencoded body / in-memory fields -> 413
+    max_params: int = 1000  # query fields + form fields/parts -> 400
+    max_param_bytes: int = 1024 * 1024  # query string (-> 400) + form data in memory (-> 413)
+    max_header_bytes: int = 64 * 1024  # HTTP_* names + values in the environ -> 431
+
+
+def _field_count(query_string: str) -> int:
+    """Fields in a query string, counted as ``parse_qsl`` counts them (separators)."""
+    return query_string.count("&") + 1 if query_string else 0
+
+
+def check_limits(environ: Mapping[str, Any], limits: RequestLimits) -> None:
+    """Refuse what the environ alone shows to be over a limit or malformed, before any
+    servlet runs (a servlet that never reads its body or query is protected too).
+
+    The body itself is checked while it is read (:class:`BodyStream`).
+    """
+    header_bytes = sum(
+        len(key) + len(value)
+        for key, value in environ.items()
+        if key.startswith("HTTP_") and isinstance(value, str)
+    )
+    if header_bytes > limits.max_header_bytes:
+        raise HTTPError(431, f"request headers over {limits.max_header_bytes} bytes")
+    query_string = environ.get("QUERY_STRING") or ""
+    if len(query_string) > limits.max_param_bytes:
+        raise HTTPError(400, f"query string over {limits.max_param_bytes} bytes")
+    if _field_count(query_string) > limits.max_params:
+        raise HTTPError(400, f"more than {limits.max_params} parameters")
+    raw = environ.get("CONTENT_LENGTH") or ""
+    if raw and not _CONTENT_LENGTH.match(raw):
+        raise HTTPError(400, "malformed Content-Length")
+    if raw and int(raw) > limits.max_body:
+        raise HTTPError(413, f"request body over {limits.max_body} bytes")
 
 
 class MultiDict(Mapping[str, Any]):
@@ -233,7 +270,7 @@ class Request:
     def query(self) -> MultiDict:
         if self._query is None:
             text = wsgi_to_text(self.query_string, "the query string")
-            self._query = MultiDict(self._parse_urlencoded(text))
+            self._query = MultiDict(self._parse_urlencoded(text, self.limits.max_params))
         return self._query
 
     @property
@@ -271,30 +308,40 @@ class Request:
             self._body = self.stream.read()
         return self._body
 
-    def _parse_urlencoded(self, text: str) -> list[tuple[str, str]]:
+    def _parse_urlencoded(self, text: str, max_fields: int) -> list[tuple[str, str]]:
+        if not text:
+            return []
         try:
             return parse_qsl(
                 text,
                 keep_blank_values=True,
                 encoding="utf-8",
                 errors="strict",
-                max_num_fields=self.limits.max_form_fields,
+                max_num_fields=max_fields,
             )
         except UnicodeDecodeError:
             raise HTTPError(400, "form data is not valid UTF-8") from None
         except ValueError:
-            raise HTTPError(413, "too many form fields") from None
+            raise HTTPError(400, f"more than {self.limits.max_params} parameters") from None
+
+    def _form_budget(self) -> tuple[int, int]:
+        """(fields, bytes) the body may still use after the query string."""
+        return (
+            max(self.limits.max_params - _field_count(self.query_string), 0),
+            max(self.limits.max_param_bytes - len(self.query_string), 0),
+        )
 
     def _parse_form(self) -> None:
         mimetype, _, options = self.content_type.partition(";")
         mimetype = mimetype.strip().lower()
         self._form, self._files = MultiDict(), MultiDict()
         if mimetype == "application/x-www-form-urlencoded":
-            data = self.stream.read(self.limits.max_form_memory + 1)
-            if len(data) > self.limits.max_form_memory:
+            max_fields, max_bytes = self._form_budget()
+            data = self.stream.read(max_bytes + 1)
+            if len(data) > max_bytes:
                 raise HTTPError(413, "form data too large")
             text = wsgi_to_text(data.decode("latin-1"), "form data")
-            self._form = MultiDict(self._parse_urlencoded(text))
+            self._form = MultiDict(self._parse_urlencoded(text, max_fields))
         elif mimetype == "multipart/form-data":
             self._parse_multipart(options)
 
@@ -305,11 +352,12 @@ class Request:
         boundary = params.get("boundary")
         if not boundary:
             raise HTTPError(400, "multipart body without a boundary")
+        max_fields, max_bytes = self._form_budget()
         parser = multipart.MultipartParser(
             self.stream,
             boundary,
-            part_limit=self.limits.max_form_fields,
-            memory_limit=self.limits.max_form_memory,
+            part_limit=max_fields,
+            memory_limit=max_bytes,
             disk_limit=self.limits.max_body,
         )
         fields, files = [], []
@@ -319,10 +367,16 @@ class Request:
                     files.append((part.name, part))
                 else:
                     fields.append((part.name, part.value))
-        except multipart.ParserLimitReached as exc:
-            raise HTTPError(413, f"multipart body: {exc}") from None
-        except (multipart.MultipartError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"malformed multipart body: {exc}") from None
+        except BaseException as exc:
+            for _, part in files:  # close() will not see them: remove their temp files now
+                part.close()
+            if isinstance(exc, multipart.ParserLimitReached):
+                if "segment count" in str(exc):  # multipart's words for part_limit
+                    raise HTTPError(400, f"more than {self.limits.max_params} parameters") from None
+                raise HTTPError(413, f"multipart body: {exc}") from None
+            if isinstance(exc, (multipart.MultipartError, UnicodeDecodeError)):
+                raise HTTPError(400, f"malformed multipart body: {exc}") from None
+            raise
         self._form, self._files = MultiDict(fields), MultiDict(files)
 
     def close(self) -> None:

@@ -10,11 +10,20 @@ A session is opened lazily, on the first ``self.session`` access: the cookie's i
 only if it has our exact id shape and names a live stored session; otherwise the request
 gets a new, empty session with a fresh id. An opened stored session is locked until the
 request ends, which serialises concurrent requests of one user (across processes too).
+
+Two limits protect the store from clients that never send a cookie back (bots, scripts):
+a session created by a request is *provisional* and expires after ``new_session_timeout``
+idle seconds until a request brings its cookie back (that request confirms it, and its
+own timeout applies from then on); and with ``max_sessions`` a request that would create
+a session while the store holds that many is refused (503), while existing sessions keep
+working.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
+import threading
 import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
@@ -24,14 +33,24 @@ from .request import Request
 from .response import Response
 from .stores.base import (
     LockTimeout,
+    SessionConflict,
     SessionLock,
     SessionRecord,
     SessionStore,
+    StoreUnavailable,
     new_session_id,
     valid_session_id,
 )
 
 MAX_TIMEOUT = 10 * 365 * 24 * 3600  # ten years; the envelope stores 32 bits
+
+COUNT_TTL = 5.0  # seconds a count of the stored sessions is used for (max_sessions)
+
+log = logging.getLogger("pyserv.error")
+
+
+class TooManySessions(Exception):
+    """Creating a session now would exceed ``max_sessions``: answer 503."""
 
 
 class Session(MutableMapping[str, Any]):
@@ -50,6 +69,7 @@ class Session(MutableMapping[str, Any]):
         self.modified = False
         self.invalidated = False
         self.rotated = False
+        self._confirmed = False  # its cookie came back: save once to store that fact
 
     @property
     def id(self) -> str:
@@ -109,10 +129,57 @@ class Session(MutableMapping[str, Any]):
         return f"<Session {'new ' if self.is_new else ''}{self._data!r}>"
 
 
+class SessionCounter:
+    """How many sessions the store holds, cheaply enough to ask on every session creation.
+
+    ``store.count()`` lists the session directory (names only), which is linear in the
+    number of sessions, so it runs at most once per *ttl* seconds per process, by one
+    thread while the others use the last value; creations by this process since then are
+    added. A counter kept by the store itself would have to be shared by every process
+    (workers, CGI) and would drift for ever after a crash between a write and its
+    increment; a count of the directory is always right again after *ttl*. The price: the
+    sessions other processes create within *ttl* are seen late, so ``max_sessions`` may
+    be overshot by what they create in that window. Thread-safe.
+    """
+
+    def __init__(self, store: SessionStore, ttl: float = COUNT_TTL) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._guard = threading.Lock()
+        self._counted = 0
+        self._created = 0  # by this process since the last count
+        self._counted_at: float | None = None  # monotonic
+        self._counting = False
+
+    def current(self) -> int:
+        with self._guard:
+            at = self._counted_at
+            stale = at is None or time.monotonic() - at > self._ttl
+            if stale and not self._counting:
+                self._counting = True
+            else:
+                return self._counted + self._created
+        try:
+            counted = self._store.count()
+        finally:
+            with self._guard:
+                self._counting = False
+        with self._guard:
+            self._counted, self._created = counted, 0
+            self._counted_at = time.monotonic()
+            return counted
+
+    def created(self) -> None:
+        with self._guard:
+            self._created += 1
+
+
 class SessionInterface:
     """Opens the session a request's cookie names and saves it after the servlet.
 
     Holds no per-request state; shared by all threads of an application.
+    *new_session_timeout* (0 = off) is the idle timeout of a session until its cookie
+    comes back; *max_sessions* (0 = unlimited) refuses new sessions beyond that many.
     """
 
     def __init__(
@@ -122,11 +189,17 @@ class SessionInterface:
         cookie_name: str = "PYSERVSID",
         timeout: int = 3600,
         lock_timeout: float = 10.0,
+        new_session_timeout: int = 0,
+        max_sessions: int = 0,
     ) -> None:
         self.store = store
         self.cookie_name = cookie_name
         self.timeout = timeout
         self.lock_timeout = lock_timeout
+        self.new_session_timeout = new_session_timeout
+        self.max_sessions = max_sessions
+        self._counter = SessionCounter(store, COUNT_TTL) if max_sessions else None
+        self._next_limit_log = 0.0
 
     def open(self, request: Request) -> Session:
         for sid in request.cookies.getall(self.cookie_name):
@@ -148,15 +221,23 @@ class SessionInterface:
             if record is None:
                 lock.release()
                 continue
-            return Session(record, new=False, lock=lock)
+            session = Session(record, new=False, lock=lock)
+            if record.new_timeout:  # the cookie came back: no longer provisional
+                record.new_timeout = 0
+                session._confirmed = True
+            return session
         now = time.time()
-        return Session(SessionRecord(new_session_id(), {}, 0, now, now, self.timeout), new=True)
+        record = SessionRecord(new_session_id(), {}, 0, now, now, self.timeout)
+        if 0 < self.new_session_timeout < self.timeout:
+            record.new_timeout = self.new_session_timeout
+        return Session(record, new=True)
 
     def save(self, session: Session, request: Request, response: Response) -> None:
         """Store the servlet's changes (if any) and set or delete the cookie.
 
         Raises the store's errors (SessionConflict, StoreUnavailable, SessionValueError)
-        with nothing written; the caller turns them into an error response.
+        and TooManySessions with nothing written; the caller turns them into an error
+        response.
         """
         if "cookie" not in (value.lower() for value in response.headers.getall("Vary")):
             response.headers.add("Vary", "Cookie")
@@ -167,7 +248,11 @@ class SessionInterface:
                 response.delete_cookie(self.cookie_name, path=self._cookie_path(request))
             return
         if not session.modified:
+            if session._confirmed:
+                self._confirm(session)
             return
+        if session.is_new:
+            self._check_capacity()
         now = time.time()
         record = session._record
         if session.rotated and not session.is_new:
@@ -178,6 +263,8 @@ class SessionInterface:
             self.store.delete(record.sid)
         else:
             session._record = self.store.save(record, now)
+        if session.is_new and self._counter is not None:
+            self._counter.created()
         if session.is_new or session.rotated:
             response.set_cookie(
                 self.cookie_name,
@@ -188,6 +275,32 @@ class SessionInterface:
                 samesite="Lax",
             )
             response.headers.set("Cache-Control", "private, no-store")
+
+    def _confirm(self, session: Session) -> None:
+        """Store that a provisional session's cookie came back (its own timeout applies
+        from now on). Best effort: a request that only reads is served even when the
+        store cannot take a write now (read-only, full); a later request confirms."""
+        try:
+            session._record = self.store.save(session._record, time.time())
+        except (StoreUnavailable, SessionConflict) as exc:
+            log.debug("session not confirmed: %s", exc)
+
+    def _check_capacity(self) -> None:
+        """Raise TooManySessions if the store already holds ``max_sessions``."""
+        if self._counter is None:
+            return
+        stored = self._counter.current()
+        if stored < self.max_sessions:
+            return
+        now = time.monotonic()
+        if now >= self._next_limit_log:  # once per minute, not once per refused request
+            self._next_limit_log = now + 60.0
+            log.warning(
+                "max_sessions reached: %d stored (limit %d); new sessions get 503",
+                stored,
+                self.max_sessions,
+            )
+        raise TooManySessions(f"{stored} sessions stored, max_sessions is {self.max_sessions}")
 
     @staticmethod
     def _cookie_path(request: Request) -> str:

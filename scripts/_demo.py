@@ -4,12 +4,16 @@ Usage: _demo.py WORK_DIR, an empty world-traversable directory that the caller r
 pyservd runs with conf/pyservd.conf, its paths moved into WORK_DIR; Apache on 127.0.0.1
 includes conf/apache-proxy-fcgi.conf and, beside it, serves the 2001 CGI deployment.
 Without Apache, pyservd serves through its development HTTP listener instead.
+As root, pyservd's workers run as www-data (pyservd refuses to run servlets as root),
+from copies in WORK_DIR that www-data can read, as the integration tests run it.
 """
 
 from __future__ import annotations
 
 import configparser
 import grp
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +31,7 @@ from apache import (  # noqa: E402
     free_port,
     script_alias_config,
 )
+from pyservd import WORKER_USER, daemon_runtime  # noqa: E402
 
 PREFERRED_PORTS = range(8080, 8100)
 
@@ -45,6 +50,13 @@ def write_config(work_dir: Path) -> Path:
         pass
     config["app:testapp"]["session_dir"] = str(work_dir / "sessions")
     config["app:testapp"]["pythonpath"] = str(REPO / "examples")
+    if WORKER_USER is not None:  # root: the workers drop to www-data, who must read the app
+        config["pyservd"]["user"] = WORKER_USER
+        apps = work_dir / "apps"
+        apps.mkdir(mode=0o755)
+        shutil.copy(REPO / "examples" / "thisapp.py", apps / "thisapp.py")
+        os.chmod(apps / "thisapp.py", 0o644)
+        config["app:testapp"]["pythonpath"] = str(apps)
     path = work_dir / "pyservd.conf"
     with open(path, "w") as stream:
         config.write(stream)
@@ -66,12 +78,14 @@ def main(work_dir: Path) -> int:
     # SIGTERM (from scripts/demo's trap) unwinds like Ctrl-C, so both are stopped.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     config = write_config(work_dir)
-    command = [sys.executable, "-m", "container.cli", "--config", str(config)]
+    python, pythonpath = daemon_runtime(work_dir)
+    command = [python, "-m", "container.cli", "--config", str(config)]
     http_port = None
     if apache_binary() is None:
         http_port = free_port(PREFERRED_PORTS)
         command += ["--http", f"127.0.0.1:{http_port}"]
-    daemon = subprocess.Popen(command, cwd=REPO)
+    environ = dict(os.environ, PYTHONPATH=pythonpath)
+    daemon = subprocess.Popen(command, cwd=pythonpath, env=environ)
     try:
         if http_port is not None:
             wait_until_connectable(("127.0.0.1", http_port), daemon)

@@ -19,6 +19,7 @@ import pytest
 
 from pyserv.application import Application, AppSettings
 from pyserv.errors import HTTPError
+from pyserv.request import RequestLimits
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPT_NAME = "/cgi-bin/testapp.cgi"
@@ -618,3 +619,31 @@ def test_twenty_users_making_twenty_requests_each_count_exactly_twenty(make_app)
     assert len(set(sids)) == users
     finals = [call(app, "/Count", sid=sid).text for sid in sids]
     assert finals == [str(requests_each + 1)] * users
+
+
+# -- limits checked before dispatch --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status"),
+    [
+        ({"HTTP_X_PAD": "x" * 200}, 431),
+        ({"QUERY_STRING": "a&b&c&d"}, 400),
+        ({"CONTENT_LENGTH": "12x"}, 400),
+        ({"CONTENT_LENGTH": "1001"}, 413),
+    ],
+    ids=["headers", "params", "malformed-length", "body"],
+)
+def test_request_over_a_limit_is_refused_before_the_servlet_runs(make_app, overrides, status):
+    ran = []
+
+    class Record:
+        def run(self, request, response):
+            ran.append(True)
+
+    limits = RequestLimits(max_header_bytes=150, max_params=3, max_body=1000)
+
+    result = call(make_app(Record, limits=limits), "/Record", method="POST", **overrides)
+
+    assert result.status == status
+    assert ran == []

@@ -114,3 +114,53 @@ def test_unreadable_or_malformed_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a valid INI file"):
         load(path)
     assert os.path.exists(path)
+
+
+def test_limits_have_safe_defaults(tmp_path):
+    config = load(write(tmp_path, GOOD))
+    server, (app,) = config.server, config.apps
+
+    assert (server.max_params, server.max_param_bytes, server.max_header_bytes) == (
+        1000,
+        1024 * 1024,
+        64 * 1024,
+    )
+    assert (app.max_session_bytes, app.max_sessions, app.new_session_timeout) == (
+        1024 * 1024,
+        0,
+        300,
+    )
+
+
+def test_limits_reach_the_application_built_from_the_config(tmp_path):
+    from container.apps import build_application
+
+    limits = "max_params = 50\nmax_param_bytes = 64K\nmax_header_bytes = 8K\n"
+    session = "max_session_bytes = 100K\nmax_sessions = 5000\nnew_session_timeout = 120\n"
+    text = GOOD.replace("max_body = 2M\n", "max_body = 2M\n" + limits)
+    text = text.replace("pythonpath = ../examples", f"pythonpath = {REPO / 'examples'}")
+    config = load(write(tmp_path, text + session))
+
+    application = build_application(config.apps[0], config)
+
+    settings = application.settings
+    assert (settings.limits.max_body, settings.limits.max_params) == (2 * 1024 * 1024, 50)
+    assert (settings.limits.max_param_bytes, settings.limits.max_header_bytes) == (65536, 8192)
+    assert (settings.max_session_bytes, settings.max_sessions) == (100 * 1024, 5000)
+    assert settings.new_session_timeout == 120
+    assert application.store.envelope.max_bytes == 100 * 1024
+    assert application.sessions.max_sessions == 5000
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("max_params = 0", "[pyservd] max_params = '0': expected a whole number >= 1"),
+        ("max_header_bytes = lots", "[pyservd] max_header_bytes = 'lots': expected a size"),
+    ],
+)
+def test_bad_limit_is_one_line_naming_the_key(tmp_path, line, expected):
+    path = write(tmp_path, GOOD.replace("max_body = 2M", line))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert expected in str(caught.value)

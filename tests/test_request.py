@@ -9,7 +9,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 from pyserv.errors import BadRequestKeyError, HTTPError
-from pyserv.request import Request, RequestLimits
+from pyserv.request import Request, RequestLimits, check_limits
 
 BOUNDARY = "----pyservboundary7MA4YWxkTrZu0gW"
 
@@ -164,15 +164,13 @@ def test_invalid_utf8_in_the_query_string_is_a_400(query_string):
     assert caught.value.status == 400
 
 
-def test_too_many_query_fields_is_a_413():
-    request = Request(
-        make_environ(QUERY_STRING="a=1&b=2&c=3&d=4"), RequestLimits(max_form_fields=3)
-    )
+def test_too_many_query_fields_is_a_400():
+    request = Request(make_environ(QUERY_STRING="a=1&b=2&c=3&d=4"), RequestLimits(max_params=3))
 
     with pytest.raises(HTTPError) as caught:
         _ = request.query
 
-    assert caught.value.status == 413
+    assert caught.value.status == 400
 
 
 # -- urlencoded and multipart forms ---------------------------------------------------
@@ -200,23 +198,23 @@ def test_body_of_another_content_type_gives_an_empty_form_and_keeps_the_body():
     assert request.body == b'{"a": 1}'
 
 
-def test_too_many_urlencoded_fields_is_a_413():
+def test_too_many_urlencoded_fields_is_a_400():
     body = b"a=1&b=2&c=3&d=4"
     request = Request(
-        body_environ(body, "application/x-www-form-urlencoded"), RequestLimits(max_form_fields=3)
+        body_environ(body, "application/x-www-form-urlencoded"), RequestLimits(max_params=3)
     )
 
     with pytest.raises(HTTPError) as caught:
         _ = request.form
 
-    assert caught.value.status == 413
+    assert caught.value.status == 400
 
 
 def test_urlencoded_body_over_the_form_memory_limit_is_a_413():
     body = b"a=" + b"x" * 200
     request = Request(
         body_environ(body, "application/x-www-form-urlencoded"),
-        RequestLimits(max_form_memory=100),
+        RequestLimits(max_param_bytes=100),
     )
 
     with pytest.raises(HTTPError) as caught:
@@ -289,13 +287,13 @@ def test_close_removes_every_upload():
     assert [upload.file for upload in uploads] == [None, None]
 
 
-def test_too_many_multipart_parts_is_a_413():
+def test_too_many_multipart_parts_is_a_400():
     body = multipart_body(*[(f"f{i}", None, b"v") for i in range(5)])
-    request = multipart_request(body, RequestLimits(max_form_fields=3))
+    request = multipart_request(body, RequestLimits(max_params=3))
     try:
         with pytest.raises(HTTPError) as caught:
             _ = request.form
-        assert caught.value.status == 413
+        assert caught.value.status == 400
     finally:
         request.close()
 
@@ -497,3 +495,103 @@ def test_repr_shows_method_path_and_query():
 
     assert "GET" in text
     assert "/cgi-bin/testapp.cgi/TestServlet?blah=foo" in text
+
+
+# -- limits checked before dispatch ---------------------------------------------------
+
+
+def test_request_within_every_limit_passes_the_pre_dispatch_check():
+    environ = make_environ(
+        QUERY_STRING="a=1&b=2", CONTENT_LENGTH="100", HTTP_X_PAD="x" * 100, HTTP_COOKIE="c=1"
+    )
+
+    check_limits(environ, RequestLimits(max_params=2, max_body=100, max_header_bytes=200))
+
+
+def test_headers_over_max_header_bytes_are_a_431_counting_names_and_values():
+    environ = {"HTTP_X_A": "x" * 40, "HTTP_X_B": "y" * 40, "SERVER_NAME": "not a header"}
+
+    check_limits(environ, RequestLimits(max_header_bytes=96))  # 8 + 40, twice
+    with pytest.raises(HTTPError) as caught:
+        check_limits(environ, RequestLimits(max_header_bytes=95))
+
+    assert caught.value.status == 431
+
+
+@pytest.mark.parametrize(
+    ("query_string", "limits"),
+    [
+        ("a=1&b=2&c=3&d=4", RequestLimits(max_params=3)),
+        ("&&&&", RequestLimits(max_params=3)),  # empty fields count: parse_qsl counts them
+        ("a=" + "x" * 100, RequestLimits(max_param_bytes=100)),
+    ],
+    ids=["too-many-fields", "too-many-empty-fields", "too-many-bytes"],
+)
+def test_query_string_over_a_parameter_limit_is_a_400_before_dispatch(query_string, limits):
+    with pytest.raises(HTTPError) as caught:
+        check_limits(make_environ(QUERY_STRING=query_string), limits)
+
+    assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("content_length", ["abc", "-1", "1e3", "\u00b2", "+5", " 5", "9" * 19])
+def test_malformed_content_length_is_a_400_before_dispatch(content_length):
+    with pytest.raises(HTTPError) as caught:
+        check_limits(make_environ(CONTENT_LENGTH=content_length), RequestLimits())
+
+    assert caught.value.status == 400
+
+
+def test_content_length_over_max_body_is_a_413_before_dispatch():
+    with pytest.raises(HTTPError) as caught:
+        check_limits(make_environ(CONTENT_LENGTH="101"), RequestLimits(max_body=100))
+
+    assert caught.value.status == 413
+
+
+def test_query_and_form_fields_share_one_parameter_budget():
+    environ = body_environ(b"c=3&d=4", "application/x-www-form-urlencoded", QUERY_STRING="a=1&b=2")
+    within = Request(dict(environ, **{"wsgi.input": io.BytesIO(b"c=3&d=4")}))
+    assert len(within.params) == 4
+
+    request = Request(environ, RequestLimits(max_params=3))
+    with pytest.raises(HTTPError) as caught:
+        _ = request.form
+
+    assert caught.value.status == 400
+
+
+def test_query_string_bytes_count_against_the_form_data_budget():
+    environ = body_environ(b"b=" + b"y" * 40, "application/x-www-form-urlencoded")
+    environ["QUERY_STRING"] = "a=" + "x" * 60
+    request = Request(environ, RequestLimits(max_param_bytes=100))
+
+    with pytest.raises(HTTPError) as caught:
+        _ = request.form
+
+    assert caught.value.status == 413  # the body is what went over
+
+
+def test_multipart_parts_share_the_parameter_budget_with_the_query():
+    body = multipart_body(("a", None, b"1"), ("b", None, b"2"))
+    environ = body_environ(body, f"multipart/form-data; boundary={BOUNDARY}", QUERY_STRING="q=1")
+    request = Request(environ, RequestLimits(max_params=2))
+    try:
+        with pytest.raises(HTTPError) as caught:
+            _ = request.form
+        assert caught.value.status == 400
+    finally:
+        request.close()
+
+
+def test_uploads_spooled_before_a_limit_is_hit_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    content = b"z" * (200 * 1024)  # spooled to a temp file
+    body = multipart_body(("big", "big.bin", content), *[(f"f{i}", None, b"v") for i in range(3)])
+    request = multipart_request(body, RequestLimits(max_params=2))
+
+    with pytest.raises(HTTPError) as caught:
+        _ = request.form
+
+    assert caught.value.status == 400
+    assert list(tmp_path.iterdir()) == []

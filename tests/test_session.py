@@ -17,7 +17,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 
 from pyserv import Application, AppSettings
-from pyserv.stores.base import new_session_id
+from pyserv.stores.base import HEADER_SIZE, Header, new_session_id, read_header
 
 SERVLETS = """
 import json
@@ -110,6 +110,19 @@ class RefuseAfterWrite(Servlet):
     def do_GET(self, request, response):
         self.session["n"] = 999
         raise HTTPError(409, "refused after changing the session")
+
+
+class Grow(Servlet):
+    def do_GET(self, request, response):
+        self.session["blob"] = "x" * int(request.query["size"])
+        response.write(describe(self.session))
+
+
+class LongTimeout(Servlet):
+    def do_GET(self, request, response):
+        self.session.timeout = 86400
+        self.session["n"] = self.session.get("n", 0) + 1
+        response.write(describe(self.session))
 """
 
 
@@ -458,3 +471,119 @@ def test_expiry_is_checked_on_load(make_app, session_dir):
     assert reply.json["data"] == {"n": 1}
     assert not path.exists()
     assert not re.search(sid, " ".join(str(p) for p in session_dir.rglob("*")))
+
+
+# -- limits: session size, session count, provisional sessions -------------------------------
+
+
+def stored_header(session_dir: Path, sid: str) -> Header:
+    with open(session_file(session_dir, sid), "rb") as stream:
+        return read_header(stream.read(HEADER_SIZE))
+
+
+def age(session_dir: Path, sid: str, seconds: float) -> None:
+    """Make *sid* look idle for *seconds* (its file's mtime is its last access)."""
+    when = time.time() - seconds
+    os.utime(session_file(session_dir, sid), (when, when))
+
+
+def test_session_over_max_session_bytes_is_a_500_and_the_stored_session_is_unchanged(
+    make_app, session_dir, caplog
+):
+    app = make_app(max_session_bytes=1000)
+    sid = call(app, "Grow", query="size=100").new_sid
+    before = session_file(session_dir, sid).read_bytes()
+
+    reply = call(app, "Grow", cookie=f"PYSERVSID={sid}", query="size=5000")
+
+    assert reply.status == 500
+    assert session_file(session_dir, sid).read_bytes() == before
+    assert call(app, "Read", cookie=f"PYSERVSID={sid}").json["data"] == {"blob": "x" * 100}
+    message = next(r.getMessage() for r in caplog.records if "max_session_bytes" in r.getMessage())
+    assert re.search(r"session is 50\d\d bytes pickled, over max_session_bytes \(1000\)", message)
+
+
+def test_new_session_over_max_session_bytes_stores_nothing_and_sets_no_cookie(
+    make_app, session_dir
+):
+    reply = call(make_app(max_session_bytes=1000), "Grow", query="size=5000")
+
+    assert reply.status == 500
+    assert reply.session_cookies() == []
+    assert session_files(session_dir) == []
+
+
+def test_max_sessions_refuses_new_sessions_with_503_and_existing_ones_keep_working(
+    make_app, session_dir, monkeypatch
+):
+    monkeypatch.setattr("pyserv.session.COUNT_TTL", 0.5)
+    app = make_app(max_sessions=2)
+    first = call(app, "Increment").new_sid
+    call(app, "Increment")
+
+    refused = call(app, "Increment")
+
+    assert refused.status == 503
+    assert refused.header_values("Retry-After") == ["60"]
+    assert refused.session_cookies() == []
+    assert len(session_files(session_dir)) == 2
+    assert call(app, "Increment", cookie=f"PYSERVSID={first}").json["data"] == {"n": 2}
+    assert call(app, "Untouched").status == 200  # no session, nothing to refuse
+    assert call(app, "Invalidate", cookie=f"PYSERVSID={first}").status == 200
+    time.sleep(0.6)  # the count is cached for COUNT_TTL: then the freed place is seen
+    assert call(app, "Increment").status == 200
+
+
+def test_max_sessions_counts_sessions_this_process_created_since_the_last_count(make_app):
+    app = make_app(max_sessions=3)
+    statuses = [call(app, "Increment").status for _ in range(5)]  # within one count's life
+
+    assert statuses == [200, 200, 200, 503, 503]
+
+
+def test_new_session_is_provisional_and_expires_after_new_session_timeout(make_app, session_dir):
+    app = make_app(session_timeout=3600, new_session_timeout=60)
+    sid = call(app, "Increment").new_sid
+
+    header = stored_header(session_dir, sid)
+    assert (header.timeout, header.new_timeout, header.idle_timeout) == (3600, 60, 60)
+    age(session_dir, sid, 61)
+    reply = call(app, "Read", cookie=f"PYSERVSID={sid}")
+    assert reply.json["is_new"] is True and reply.json["id"] != sid
+    assert not session_file(session_dir, sid).exists()
+
+
+def test_cookie_coming_back_confirms_the_session_even_on_a_read(make_app, session_dir):
+    app = make_app(session_timeout=3600, new_session_timeout=60)
+    sid = call(app, "Increment").new_sid
+
+    read = call(app, "Read", cookie=f"PYSERVSID={sid}")
+
+    assert read.json["id"] == sid and read.json["timeout"] == 3600
+    header = stored_header(session_dir, sid)
+    assert (header.timeout, header.new_timeout, header.generation) == (3600, 0, 2)
+    age(session_dir, sid, 61)
+    assert call(app, "Read", cookie=f"PYSERVSID={sid}").json["data"] == {"n": 1}
+    assert stored_header(session_dir, sid).generation == 2  # confirmed once, not again
+
+
+def test_timeout_a_servlet_sets_on_a_new_session_applies_once_it_is_confirmed(
+    make_app, session_dir
+):
+    app = make_app(session_timeout=3600, new_session_timeout=60)
+    sid = call(app, "LongTimeout").new_sid
+    assert stored_header(session_dir, sid).idle_timeout == 60
+
+    assert call(app, "Read", cookie=f"PYSERVSID={sid}").json["timeout"] == 86400
+
+    assert stored_header(session_dir, sid).idle_timeout == 86400
+
+
+def test_new_session_timeout_zero_or_not_shorter_turns_provisional_sessions_off(
+    make_app, session_dir
+):
+    for settings in ({"new_session_timeout": 0}, {"new_session_timeout": 7200}):
+        app = make_app(session_timeout=3600, **settings)
+        sid = call(app, "Increment").new_sid
+        header = stored_header(session_dir, sid)
+        assert (header.new_timeout, header.idle_timeout) == (0, 3600), settings

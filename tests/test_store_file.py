@@ -15,6 +15,7 @@ import stat
 import struct
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,15 @@ from pyserv.stores.base import (
     HEADER_SIZE,
     MAGIC,
     Envelope,
+    LockTimeout,
+    SessionValueError,
     StoreUnavailable,
     new_session_id,
 )
 from pyserv.stores.file import FileStore
 
-HEADER_FORMAT = ">4sQdI"  # magic, generation, created, timeout: the documented envelope
+# magic, generation, created, timeout, new_timeout: the documented envelope
+HEADER_FORMAT = ">4sQdII"
 MAC_SIZE = hashlib.sha256().digest_size
 
 
@@ -104,7 +108,7 @@ def mode_of(path: Path) -> int:
 def raw_envelope(key: bytes, sid: str, payload: bytes, *, generation: int = 1) -> bytes:
     """An envelope built by hand from the documented format: header | HMAC | pickle."""
     now = time.time()
-    header = struct.pack(HEADER_FORMAT, MAGIC, generation, now, 3600)
+    header = struct.pack(HEADER_FORMAT, MAGIC, generation, now, 3600, 0)
     mac = hmac.new(key, header + sid.encode("ascii") + payload, hashlib.sha256).digest()
     return header + mac + payload
 
@@ -520,3 +524,133 @@ def test_concurrent_secret_creation_by_eight_processes_yields_one_key(tmp_path, 
     assert keys == {secret_file.read_bytes().strip()}
     assert re.fullmatch(rb"[0-9a-f]{64}", keys.pop())
     assert sorted(path.name for path in secret_file.parent.iterdir()) == [secret_file.name]
+
+
+# -- envelope versions and limits -------------------------------------------------------
+
+
+def test_session_written_before_new_timeout_existed_still_loads_and_sweeps(store, session_dir):
+    sid = new_session_id()
+    payload = pickle.dumps({"v": "from v1"}, protocol=4)
+    header = struct.pack(">4sQdI", b"PSV1", 3, time.time(), 60)  # the first layout
+    mac = hmac.new(store.envelope.key, header + sid.encode() + payload, hashlib.sha256)
+    path = data_path(session_dir, sid)
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(header + mac.digest() + payload)
+
+    loaded = load_locked(store, sid)
+    assert loaded is not None and loaded.data == {"v": "from v1"}
+    assert (loaded.generation, loaded.timeout, loaded.new_timeout) == (3, 60, 0)
+    saved = store.save(loaded, time.time())  # written back in the current layout
+    assert path.read_bytes().startswith(MAGIC) and saved.generation == 4
+    when = time.time() - 61
+    os.utime(path, (when, when))
+    assert store.sweep(time.time()) == 1
+
+
+def test_provisional_session_is_swept_after_its_new_timeout(store, session_dir):
+    now = time.time()
+    provisional = store.save(replace(make_record({"v": 1}), new_timeout=60), now)
+    confirmed = store.save(make_record({"v": 2}), now)
+    for sid in (provisional.sid, confirmed.sid):
+        os.utime(data_path(session_dir, sid), (now - 61, now - 61))
+
+    assert store.sweep(time.time()) == 1
+    assert not data_path(session_dir, provisional.sid).exists()
+    assert data_path(session_dir, confirmed.sid).exists()
+
+
+def test_session_over_the_envelope_size_limit_is_refused_before_any_write(session_dir, secret_file):
+    store = make_store(session_dir, secret_file)
+    store.envelope.max_bytes = 1000
+    stored = store.save(make_record({"v": "small"}), time.time())
+    before = data_path(session_dir, stored.sid).read_bytes()
+    lock = store.lock(stored.sid, 5.0)
+    try:
+        current = store.load(stored.sid)
+        with pytest.raises(SessionValueError, match=r"over max_session_bytes \(1000\)"):
+            current.data["v"] = "x" * 2000
+            store.save(current, time.time())
+    finally:
+        lock.release()
+
+    assert data_path(session_dir, stored.sid).read_bytes() == before
+    assert sorted(p.name for p in data_path(session_dir, stored.sid).parent.iterdir()) == [
+        f"{stored.sid}.lock",
+        f"{stored.sid}.session",
+    ]
+
+
+# -- a directory that turns read-only ----------------------------------------------------
+
+
+@pytest.fixture
+def read_only(session_dir: Path, monkeypatch):
+    """``freeze()`` makes every write under *session_dir* fail with EROFS, as after
+    ``mount -o remount,ro`` (tests/integration does the real thing as root)."""
+    real = {name: getattr(os, name) for name in ("open", "utime", "unlink", "replace", "mkdir")}
+    root = str(session_dir)
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def refuse(path: object) -> None:
+        if isinstance(path, int) or str(path).startswith(root):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & writing:
+            refuse(path)
+        return real["open"](path, flags, *args, **kwargs)
+
+    def guarded(name: str):
+        def call(path, *args, **kwargs):
+            refuse(path)
+            return real[name](path, *args, **kwargs)
+
+        return call
+
+    def freeze() -> None:
+        monkeypatch.setattr(os, "open", fake_open)
+        for name in ("utime", "unlink", "replace", "mkdir"):
+            monkeypatch.setattr(os, name, guarded(name))
+
+    return freeze
+
+
+def test_read_only_directory_still_serves_loads_and_refuses_writes_as_unavailable(
+    store, session_dir, read_only
+):
+    locked_before = store.save(make_record({"v": "locked before"}), time.time())
+    load_locked(store, locked_before.sid)  # it has a lock file now
+    never_locked = store.save(make_record({"v": "never locked"}), time.time())
+    assert store.envelope.key
+    read_only()
+
+    for stored in (locked_before, never_locked):
+        lock = store.lock(stored.sid, 1.0)
+        assert lock is not None
+        try:
+            current = store.load(stored.sid)
+            assert current is not None and current.data == stored.data
+            current.data["v"] = "new"
+            with pytest.raises(StoreUnavailable):
+                store.save(current, time.time())
+            with pytest.raises(StoreUnavailable):
+                store.delete(stored.sid)
+        finally:
+            lock.release()
+    with pytest.raises(StoreUnavailable):
+        store.save(make_record({"v": "brand new"}), time.time())
+    assert store.sweep(time.time() + 7200) == 0
+    assert not list(session_dir.rglob("*.tmp"))
+
+
+def test_read_only_directory_still_serialises_requests_of_one_session(store, read_only):
+    stored = store.save(make_record({"v": 1}), time.time())  # no lock file yet
+    read_only()
+    held = store.lock(stored.sid, 1.0)
+    try:
+        with pytest.raises(LockTimeout):
+            store.lock(stored.sid, 0.1)
+    finally:
+        held.release()
+    store.lock(stored.sid, 0.1).release()

@@ -66,7 +66,7 @@ def add_malicious_session(store: FileStore, marker: Path, *, idle: float) -> Pat
     """An expired session, correctly signed, whose unpickling would create *marker*."""
     sid = new_session_id()
     payload = pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
-    header = struct.pack(">4sQdI", MAGIC, 1, time.time() - idle, 60)
+    header = struct.pack(">4sQdII", MAGIC, 1, time.time() - idle, 60, 0)
     mac = hmac.new(store.envelope.key, header + sid.encode() + payload, hashlib.sha256).digest()
     path = Path(store.directory) / sid[:2] / f"{sid}.session"
     path.parent.mkdir(mode=0o700, exist_ok=True)

@@ -10,6 +10,12 @@ that has expired or been deleted.
 The envelope is ``header | HMAC-SHA256 | pickle``. The HMAC covers the header, the
 session id and the pickle, so a record cannot be forged, altered or moved to another id
 without the key, and nothing that fails verification is ever unpickled.
+
+The header (big-endian) is ``magic "PSV2" | generation u64 | created f64 | timeout u32 |
+new_timeout u32``: everything a sweeper needs to decide expiry without the key.
+``new_timeout`` is non-zero while the session is *provisional* (created, its cookie not
+yet seen again): it then expires after that shorter idle time. Files written before the
+field existed (magic "PSV1", no ``new_timeout``) are still read.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-MAGIC = b"PSV1"
-# magic, generation, created (Unix time), timeout (s)
-_HEADER = struct.Struct(">4sQdI")
-HEADER_SIZE = _HEADER.size
+MAGIC = b"PSV2"
+# magic, generation, created (Unix time), timeout (s), new_timeout (s, 0 = confirmed)
+_HEADER = struct.Struct(">4sQdII")
+HEADER_SIZE = _HEADER.size  # the most bytes a header takes: read this many to parse one
+_MAGIC_V1 = b"PSV1"
+_HEADER_V1 = struct.Struct(">4sQdI")  # before new_timeout: read, never written
 _MAC_SIZE = hashlib.sha256().digest_size
 _PICKLE_PROTOCOL = 4
 
@@ -66,7 +74,8 @@ class BadEnvelope(StoreError):
 
 
 class SessionValueError(StoreError):
-    """A session value cannot be pickled; the message names the key."""
+    """A session cannot be stored as it is: a value cannot be pickled (the message names
+    the key) or the pickle is over the size limit (the message names both sizes)."""
 
 
 @dataclass
@@ -80,12 +89,22 @@ class SessionRecord:
     last_access: float = 0.0
     timeout: int = 3600
     size: int = field(default=0, compare=False)  # bytes of the stored envelope
+    new_timeout: int = 0  # > 0: provisional (cookie not seen again), idle limit until then
+
+    @property
+    def idle_timeout(self) -> int:
+        """The idle time after which this session expires now."""
+        return _idle_timeout(self.timeout, self.new_timeout)
 
     def expired(self, now: float) -> bool:
-        return now - self.last_access > self.timeout
+        return now - self.last_access > self.idle_timeout
 
     def successor(self, data: dict[str, Any], now: float) -> SessionRecord:
         return replace(self, data=data, generation=self.generation + 1, last_access=now)
+
+
+def _idle_timeout(timeout: int, new_timeout: int) -> int:
+    return min(timeout, new_timeout) if new_timeout else timeout
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,18 @@ class Header:
     generation: int
     created: float
     timeout: int
+    new_timeout: int = 0
+    size: int = HEADER_SIZE  # bytes this header takes in its envelope
+
+    @property
+    def idle_timeout(self) -> int:
+        """Idle seconds after which the stored session is expired."""
+        return _idle_timeout(self.timeout, self.new_timeout)
+
+
+def pack_header(generation: int, created: float, timeout: int, new_timeout: int = 0) -> bytes:
+    """A header in the current layout (for the envelope, and for tools and tests)."""
+    return _HEADER.pack(MAGIC, generation, created, timeout, new_timeout)
 
 
 class Envelope:
@@ -102,11 +133,14 @@ class Envelope:
 
     *key* is a callable so that the secret is only read (or created) when a session is
     first stored or loaded; a servlet that never uses sessions never needs it.
+    *max_bytes* bounds the pickle: a session over it is refused by :meth:`seal`, before
+    any store writes, so what is stored stays as it was (0 = no limit).
     """
 
-    def __init__(self, key: Callable[[], bytes]) -> None:
+    def __init__(self, key: Callable[[], bytes], *, max_bytes: int = 0) -> None:
         self._key_source = key
         self._key: bytes | None = None
+        self.max_bytes = max_bytes
 
     @property
     def key(self) -> bytes:
@@ -121,20 +155,32 @@ class Envelope:
         return mac.digest()
 
     def seal(self, record: SessionRecord) -> bytes:
+        """The signed bytes of *record*; SessionValueError if it cannot or may not be stored."""
         payload = pickle_session(record.data)
-        header = _HEADER.pack(MAGIC, record.generation, record.created, record.timeout)
+        if self.max_bytes and len(payload) > self.max_bytes:
+            raise SessionValueError(
+                f"session is {len(payload)} bytes pickled, over max_session_bytes "
+                f"({self.max_bytes}); nothing was stored"
+            )
+        header = pack_header(record.generation, record.created, record.timeout, record.new_timeout)
         return header + self._mac(record.sid, header, payload) + payload
+
+    def verify(self, sid: str, blob: bytes) -> tuple[Header, bytes]:
+        """Check *blob*'s header and HMAC for *sid*; return the header and the (still
+        pickled) payload. Raises BadEnvelope; unpickles nothing."""
+        header = read_header(blob)
+        if len(blob) < header.size + _MAC_SIZE:
+            raise BadEnvelope("too short")
+        raw_header = blob[: header.size]
+        mac = blob[header.size : header.size + _MAC_SIZE]
+        payload = blob[header.size + _MAC_SIZE :]
+        if not hmac.compare_digest(mac, self._mac(sid, raw_header, payload)):
+            raise BadEnvelope("signature does not match")
+        return header, payload
 
     def open(self, sid: str, blob: bytes) -> tuple[Header, dict[str, Any]]:
         """Verify *blob* for *sid*, then unpickle; raises BadEnvelope, never unpickles first."""
-        header = read_header(blob)
-        if len(blob) < HEADER_SIZE + _MAC_SIZE:
-            raise BadEnvelope("too short")
-        raw_header = blob[:HEADER_SIZE]
-        mac = blob[HEADER_SIZE : HEADER_SIZE + _MAC_SIZE]
-        payload = blob[HEADER_SIZE + _MAC_SIZE :]
-        if not hmac.compare_digest(mac, self._mac(sid, raw_header, payload)):
-            raise BadEnvelope("signature does not match")
+        header, payload = self.verify(sid, blob)
         try:
             data = pickle.loads(payload)
         except Exception as exc:  # signed by us, but written by other code
@@ -150,13 +196,20 @@ class Envelope:
 
 
 def read_header(blob: bytes) -> Header:
-    """Parse the header at the start of *blob* without verifying anything."""
-    if len(blob) < HEADER_SIZE:
+    """Parse the header at the start of *blob* without verifying anything.
+
+    *blob* may be just the first :data:`HEADER_SIZE` bytes of a file (or all of it).
+    """
+    magic = blob[:4]
+    if magic == MAGIC and len(blob) >= _HEADER.size:
+        _, generation, created, timeout, new_timeout = _HEADER.unpack_from(blob)
+        return Header(generation, created, timeout, new_timeout, _HEADER.size)
+    if magic == _MAGIC_V1 and len(blob) >= _HEADER_V1.size:
+        _, generation, created, timeout = _HEADER_V1.unpack_from(blob)
+        return Header(generation, created, timeout, 0, _HEADER_V1.size)
+    if len(blob) < _HEADER_V1.size or magic in (MAGIC, _MAGIC_V1):
         raise BadEnvelope("too short")
-    magic, generation, created, timeout = _HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise BadEnvelope("unknown format")
-    return Header(generation, created, timeout)
+    raise BadEnvelope("unknown format")
 
 
 def pickle_session(data: dict[str, Any]) -> bytes:

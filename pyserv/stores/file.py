@@ -11,6 +11,10 @@ once. Layout: ``DIR/ab/<id>.session`` (the envelope; its mtime is the last acces
   its lock holder, and a locker re-checks after ``flock`` that the file it locked is
   still the one at the path, so a deleted-and-recreated lock file cannot split the lock.
 - Nothing is created for an id that has no session file: unknown ids cost a ``stat``.
+- A directory that turns read-only (or full) while serving degrades, it does not fail:
+  sessions still load (a lock file that cannot be opened for writing is opened
+  read-only; a last access that cannot be recorded is skipped), and every write raises
+  :class:`StoreUnavailable`, which the application answers with 503.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ TEMP_SUFFIX = ".tmp"
 QUARANTINE = "quarantine"
 STALE_TEMP_SECONDS = 3600
 _UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class _KeyedLocks:
@@ -76,15 +81,20 @@ class _KeyedLocks:
 
 
 class _FileLock(SessionLock):
-    def __init__(self, keyed: _KeyedLocks, sid: str, fd: int) -> None:
+    """The in-process lock on *sid* plus, with *fd*, the flock on its lock file (None when
+    the directory is read-only and the lock file missing: then nobody can write)."""
+
+    def __init__(self, keyed: _KeyedLocks, sid: str, fd: int | None) -> None:
         self._keyed = keyed
         self._sid = sid
-        self._fd: int | None = fd
+        self._fd = fd
+        self._held = True
 
     def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # drops the flock
+        if self._held:
+            self._held = False
+            if self._fd is not None:
+                os.close(self._fd)  # drops the flock
             self._keyed.release(self._sid)
 
 
@@ -108,6 +118,35 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+_NO_FILE_LOCK = -1  # _flock_current: read-only directory, no lock file to lock
+
+
+def _open_lock_file(path: str) -> int | None:
+    """Open (creating) the lock file; on a read-only directory open it read-only, which
+    flock accepts. None: read-only and there is no lock file (nobody can write then)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:
+            raise
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if os.path.isdir(os.path.dirname(path)):
+            return None
+        raise
+
+
+def _touch(fd: int) -> None:
+    """Record a last access (the mtime); skipped when the directory is read-only, where
+    the session cannot change anyway."""
+    try:
+        os.utime(fd)
+    except OSError as exc:
+        if exc.errno not in _READ_ONLY:
+            raise
 
 
 class FileStore(SessionStore):
@@ -160,16 +199,21 @@ class FileStore(SessionStore):
         finally:
             if fd is None:
                 self._keyed.release(sid)
+        if fd is _NO_FILE_LOCK:
+            return _FileLock(self._keyed, sid, None)
         return _FileLock(self._keyed, sid, fd) if fd is not None else None
 
     @staticmethod
     def _flock_current(lock_path: str, data_path: str, deadline: float) -> int | None:
-        """flock the file now at *lock_path*; None if the session is gone meanwhile."""
+        """flock the file now at *lock_path*; None if the session is gone meanwhile,
+        :data:`_NO_FILE_LOCK` if the directory is read-only and has no lock file."""
         while True:
             try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = _open_lock_file(lock_path)
             except FileNotFoundError:  # the whole subdirectory is gone
                 return None
+            if fd is None:
+                return _NO_FILE_LOCK if os.path.exists(data_path) else None
             if not _flock_until(fd, deadline):
                 os.close(fd)
                 raise LockTimeout("session locked by another request for too long")
@@ -180,7 +224,12 @@ class FileStore(SessionStore):
             if current:
                 if os.path.exists(data_path):
                     return fd
-                _unlink_quietly(lock_path)  # we hold it: an orphan lock file goes
+                try:
+                    _unlink_quietly(lock_path)  # we hold it: an orphan lock file goes
+                except OSError as exc:
+                    if exc.errno not in _READ_ONLY:
+                        os.close(fd)
+                        raise
             os.close(fd)
             if not os.path.exists(data_path):
                 return None
@@ -202,11 +251,14 @@ class FileStore(SessionStore):
             except BadEnvelope as exc:
                 self._quarantine(sid, data_path, str(exc))
                 return None
-            if now - mtime > header.timeout:
-                self.delete(sid)
+            if now - mtime > header.idle_timeout:
+                try:
+                    self.delete(sid)
+                except StoreUnavailable:
+                    pass  # expired all the same; the sweeper removes it later
                 return None
             if known is not None and known.generation == header.generation:
-                os.utime(stream.fileno())
+                _touch(stream.fileno())
                 known.last_access = now
                 return known
             blob = head + stream.read()
@@ -215,9 +267,16 @@ class FileStore(SessionStore):
             except BadEnvelope as exc:
                 self._quarantine(sid, data_path, str(exc))
                 return None
-            os.utime(stream.fileno())
+            _touch(stream.fileno())
         return SessionRecord(
-            sid, data, header.generation, header.created, now, header.timeout, len(blob)
+            sid,
+            data,
+            header.generation,
+            header.created,
+            now,
+            header.timeout,
+            len(blob),
+            header.new_timeout,
         )
 
     def save(self, record: SessionRecord, now: float) -> SessionRecord:
@@ -244,8 +303,13 @@ class FileStore(SessionStore):
 
     def delete(self, sid: str) -> None:
         _, data_path, lock_path = self._paths(sid)
-        _unlink_quietly(data_path)
-        _unlink_quietly(lock_path)
+        try:
+            _unlink_quietly(data_path)
+            _unlink_quietly(lock_path)
+        except OSError as exc:
+            if exc.errno in _UNAVAILABLE:
+                raise StoreUnavailable(f"cannot remove session: {exc.strerror}") from exc
+            raise
 
     def _stored_header(self, data_path: str) -> tuple[int, float, int] | None:
         try:
@@ -256,7 +320,7 @@ class FileStore(SessionStore):
             return None
         except BadEnvelope:
             raise SessionConflict("the stored session is corrupt") from None
-        return header.generation, mtime, header.timeout
+        return header.generation, mtime, header.idle_timeout
 
     def _write_atomic(self, subdir: str, data_path: str, blob: bytes) -> None:
         temp = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
@@ -281,7 +345,10 @@ class FileStore(SessionStore):
                 finally:
                     os.close(dir_fd)
         except OSError as exc:
-            _unlink_quietly(temp)
+            try:
+                _unlink_quietly(temp)
+            except OSError:
+                pass  # read-only: there is no temp file to remove
             if exc.errno in _UNAVAILABLE:
                 raise StoreUnavailable(f"cannot write session: {exc.strerror}") from exc
             raise
@@ -324,6 +391,10 @@ class FileStore(SessionStore):
             )
         except FileNotFoundError:
             return 0
+        except OSError as exc:
+            if exc.errno in _READ_ONLY:
+                return 0  # nothing can be removed from a read-only directory
+            raise
         try:
             try:
                 fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -381,7 +452,7 @@ class FileStore(SessionStore):
                 header = read_header(stream.read(HEADER_SIZE))
             except BadEnvelope:
                 return False  # left for `verify`, which quarantines
-        return now - mtime > header.timeout
+        return now - mtime > header.idle_timeout
 
     def _remove_if_expired(self, sid: str, path: str, now: float) -> int:
         try:

@@ -6,6 +6,12 @@ reach the socket). The daemon runs in its own process group; it is stopped by pi
 (SIGTERM, then SIGKILL), and so is every process left in its group. Its stderr goes to
 ``<work>/pyservd.log``.
 
+Started as root (as on CI), pyservd refuses to run without ``user``, so the config says
+``user = www-data`` (:data:`WORKER_USER`): the workers drop to it, and the session
+directory is theirs. Everything they import after that must be readable by www-data, so
+the daemon then runs from ``<work>/pyservd-lib`` (copies of pyserv, container, flup and
+multipart) with a Python that www-data can execute (see :func:`daemon_runtime`).
+
 The test servlets are :data:`APP_MODULES`, written into ``<work>/apps``.
 """
 
@@ -28,7 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from apache import REPO_ROOT, ApacheServer, HttpResponse, http_get, make_work_dir
+from apache import (
+    APACHE_USER,
+    REPO_ROOT,
+    ApacheServer,
+    HttpResponse,
+    http_get,
+    make_work_dir,
+    world_readable_python,
+)
 
 T = TypeVar("T")
 
@@ -121,8 +135,12 @@ APP_MODULES = {
     "badinit.py": BADINIT_MODULE,
 }
 
+# Whom the workers run as when the tests run as root (pyservd refuses root without it).
+WORKER_USER = APACHE_USER if os.geteuid() == 0 else None
+
 SERVER_DEFAULTS = {
     "listen": "unix:{work}/run/pyservd.sock",
+    "user": WORKER_USER,
     "socket_group": "www-data",
     "workers": "2",
     "threads": "8",
@@ -155,6 +173,7 @@ def write_config(
     for module, source in APP_MODULES.items():
         (apps / module).write_text(source)
         (apps / module).chmod(0o644)
+    give_to_worker_user(apps / "lifecycle.log", touch=True)  # lifecycle.py appends to it
     (work_dir / "run").mkdir(mode=0o755, exist_ok=True)
     sections = []
     for header, defaults, overrides in (
@@ -172,6 +191,56 @@ def write_config(
     path.write_text("\n\n".join(sections) + "\n")
     path.chmod(0o644)
     return path
+
+
+def require_root(what: str) -> None:
+    """Skip the calling test unless we are root (fail instead under CI=true, which runs
+    as root: a CI that silently skipped these would prove nothing)."""
+    if os.geteuid() == 0:
+        return
+    import pytest
+
+    message = f"needs root: {what}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def give_to_worker_user(path: Path, touch: bool = False) -> Path:
+    """Make *path* belong to :data:`WORKER_USER` (when there is one); create it first
+    (empty) with *touch*."""
+    if touch:
+        path.touch(mode=0o644, exist_ok=True)
+    if WORKER_USER is not None:
+        import pwd
+
+        user = pwd.getpwnam(WORKER_USER)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    return path
+
+
+def daemon_runtime(work_dir: Path) -> tuple[str, str]:
+    """(python, PYTHONPATH) to run pyservd with from *work_dir*.
+
+    As root, the workers become :data:`WORKER_USER`, who must be able to read every
+    module they import after that, and the test runner's Python and this checkout may
+    sit in a private home directory: so use a Python that user can execute and copies of
+    the packages in ``<work>/pyservd-lib`` (made once per work directory).
+    """
+    if WORKER_USER is None:
+        return sys.executable, str(REPO_ROOT)
+    import flup
+    import multipart
+
+    lib = work_dir / "pyservd-lib"  # not lib/: deploy_cgi_app() makes that one
+    if not lib.exists():
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for package in (REPO_ROOT / "pyserv", REPO_ROOT / "container", Path(flup.__file__).parent):
+            shutil.copytree(package, lib / package.name, ignore=ignore)
+        shutil.copy(multipart.__file__, lib / "multipart.py")
+        for path in (lib, *lib.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return world_readable_python(), str(lib)
 
 
 def socket_path(work_dir: Path) -> Path:
@@ -272,16 +341,18 @@ class Pyservd:
         return socket_path(self.work_dir)
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "container.cli", "--config", str(self.config), *self.args]
+        python, _ = daemon_runtime(self.work_dir)
+        return [python, "-m", "container.cli", "--config", str(self.config), *self.args]
 
     def start(self, wait: str = "ready") -> Pyservd:
         """Start; *wait* is "ready" (the master logged it), "socket" or "none"."""
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), PYTHONDONTWRITEBYTECODE="1")
+        _, pythonpath = daemon_runtime(self.work_dir)
+        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONDONTWRITEBYTECODE="1")
         env.update(self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
-                cwd=REPO_ROOT,
+                cwd=pythonpath,  # `python -m` puts the working directory first on sys.path
                 env=env,
                 stdin=subprocess.DEVNULL if self.stdin is None else self.stdin,
                 stdout=log,
@@ -414,10 +485,12 @@ def start_site(
     apache_factory: Callable[..., ApacheServer],
     server: Mapping[str, str | None] | None = None,
     app: Mapping[str, str | None] | None = None,
+    work_dir: Path | None = None,
 ) -> tuple[Pyservd, ApacheServer]:
     """pyservd with the test config (plus *server*/*app* overrides) behind a private
-    Apache that loads the shipped mod_proxy_fcgi config."""
-    config = write_config(daemons.work_dir(), server, app)
+    Apache that loads the shipped mod_proxy_fcgi config; in a new work directory unless
+    *work_dir* (from ``daemons.work_dir()``) is given."""
+    config = write_config(work_dir or daemons.work_dir(), server, app)
     daemon = daemons.start(config)
     apache = apache_factory(
         ["proxy", "proxy_fcgi"], extra_config=proxy_fcgi_apache_config(daemon.socket)

@@ -7,22 +7,24 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from apache import REPO_ROOT, HttpResponse
+from apache import HttpResponse
 from pyservd import (
     COOKIE,
+    WORKER_USER,
     Daemons,
     Pyservd,
     alive,
     body_field,
     body_number,
+    daemon_runtime,
     get,
+    give_to_worker_user,
     run_load,
     session_id,
     start_site,
@@ -111,14 +113,15 @@ def test_servlet_names_are_decoded_once_and_allow_listed(
 
 CGI_SCRIPT = """\
 import sys
-sys.path[:0] = [{repo!r}, {apps!r}]
+sys.path[:0] = [{lib!r}, {apps!r}]
 import pyserv
 pyserv.cgimain({sessions!r}, "probe", secret_file={secret!r})
 """
 
 
 def run_cgi(script: Path, sid: str) -> tuple[int, bytes]:
-    """Run the CGI script once for /Count with the session cookie: (status, body)."""
+    """Run the CGI script once for /Count with the session cookie: (status, body), as
+    the daemon's workers run (Apache runs CGI scripts as that same user)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "GATEWAY_INTERFACE": "CGI/1.1",
@@ -132,13 +135,16 @@ def run_cgi(script: Path, sid: str) -> tuple[int, bytes]:
         "SERVER_PROTOCOL": "HTTP/1.1",
         "REMOTE_ADDR": "127.0.0.1",
     }
+    python, _ = daemon_runtime(script.parent)
     result = subprocess.run(
-        [sys.executable, str(script)],
+        [python, str(script)],
         cwd=script.parent,
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=20,
+        user=WORKER_USER,
+        group=WORKER_USER,
     )
     head, _, body = result.stdout.partition(b"\r\n\r\n")
     match = re.match(rb"Status: (\d+)", head)
@@ -149,12 +155,18 @@ def run_cgi(script: Path, sid: str) -> tuple[int, bytes]:
 def test_workers_and_cgi_share_a_session_without_losing_updates(
     daemons: Daemons, apache_factory
 ) -> None:
-    daemon, apache = start_site(daemons, apache_factory, app={"secret_file": "{work}/secret"})
-    work = daemon.work_dir
+    work = daemons.work_dir()
+    secret = work / "secret"  # shared by the daemon and CGI, so it is created beforehand
+    secret.write_text(os.urandom(32).hex() + "\n")
+    secret.chmod(0o600)
+    give_to_worker_user(secret)
+    daemon, apache = start_site(
+        daemons, apache_factory, app={"secret_file": str(secret)}, work_dir=work
+    )
     script = work / "testapp.cgi"
     script.write_text(
         CGI_SCRIPT.format(
-            repo=str(REPO_ROOT),
+            lib=daemon_runtime(work)[1],
             apps=str(work / "apps"),
             sessions=str(work / "sessions"),
             secret=str(work / "secret"),
