@@ -90,6 +90,19 @@ def decode_params(data: bytes, max_count: int) -> dict[str, str] | None:
     return params
 
 
+def _record_bytes(kind: int, request_id: int, content: bytes) -> bytes:
+    padding = -len(content) % 8
+    return _HEADER.pack(1, kind, request_id, len(content), padding) + content + bytes(padding)
+
+
+def _dead_socket() -> socket.socket:
+    """A socket whose reads see end of input and whose writes fail: what a thread that
+    outlived its deadline keeps, once its connection has been answered and passed on."""
+    mine, other = socket.socketpair()
+    other.close()
+    return mine
+
+
 def _canned(status: str, text: str, extra: str = "") -> bytes:
     body = f"{text}\n".encode()
     head = (
@@ -322,32 +335,65 @@ class _Connection(fcgi_base.Connection):
         if self.ready is request:
             self.ready = None
 
-    def answer_late(self) -> None:
-        """504 for the running request (called from the I/O thread): anything its
-        servlet writes later is dropped, and the connection is shut so the web server
-        does not send it another request; the master replaces this worker."""
+    def answer_late(self) -> int | None:
+        """504 for the running request (called from the I/O thread); anything its
+        servlet does later is dropped. Returns the connection's fd (a duplicate) to hand
+        over to another worker when the request's input is complete, since closing it
+        would race with the web server reusing it; else shuts it and returns None. The
+        stuck thread is left with a dead socket: it can neither write nor read input."""
         running = self.running
         if running is None:
-            return
+            return None
         request = running[0]
         with self._write_lock:
             if self._muted or self.closed:
-                return
-            try:
-                if not request.stdout.dataWritten:
-                    for payload in (_canned("504 Gateway Timeout", "request timed out"), b""):
-                        record = self._record(fcgi_base.FCGI_STDOUT, request.requestId, payload)
-                        record.write(self._sock)
-                    end = self._record(
-                        fcgi_base.FCGI_END_REQUEST,
-                        request.requestId,
-                        struct.pack(fcgi_base.FCGI_EndRequestBody, 0, 0),
+                return None
+            self._muted = True
+            answered = not request.stdout.dataWritten
+            reply = b""
+            if answered:
+                end = struct.pack(fcgi_base.FCGI_EndRequestBody, 0, 0)
+                reply = b"".join(
+                    _record_bytes(kind, request.requestId, payload)
+                    for kind, payload in (
+                        (fcgi_base.FCGI_STDOUT, _canned("504 Gateway Timeout", "timed out")),
+                        (fcgi_base.FCGI_STDOUT, b""),
+                        (fcgi_base.FCGI_END_REQUEST, end),
                     )
-                    end.write(self._sock)
-                self._sock.shutdown(socket.SHUT_RDWR)
+                )
+            handed = None
+            try:
+                self._sock.sendall(reply)
+                if answered and self._input_complete(request):
+                    handed = os.dup(self._sock.fileno())
+                else:
+                    self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._muted = True
+            live, self._sock = self._sock, _dead_socket()
+            live.close()
+            return handed
+
+    def _input_complete(self, request: Any) -> bool:
+        """True if nothing of *request* is still to come and nothing else is buffered:
+        then the connection can go to another worker as it is."""
+        stdin_ended = request.stdin._eof
+        while True:
+            try:
+                record = self._next_record()
+            except ProtocolError:
+                return False
+            if record is None:
+                break
+            kind, request_id, content = record
+            if request_id != request.requestId or kind not in (
+                fcgi_base.FCGI_STDIN,
+                fcgi_base.FCGI_DATA,
+            ):
+                return False
+            if kind == fcgi_base.FCGI_STDIN and not content:
+                stdin_ended = True
+        return stdin_ended and not self._buffer
 
     def run_ready(self) -> bool:
         """Run the ready request (pool thread); True if the connection stays open."""
@@ -607,7 +653,9 @@ class FastCGIServer:
                 log.error(
                     "request running %.0f s (request_timeout): answered 504", now - running[1]
                 )
-                connection.answer_late()
+                handed = connection.answer_late()
+                if handed is not None:
+                    self._hand_over([handed])
                 self._doomed = True
 
     def _back_to_idle(self, connection: _Connection) -> None:
@@ -672,10 +720,14 @@ class FastCGIServer:
             for connection in idle:
                 connection.close(drain=False)
             return
-        fds = [connection.detach() for connection in idle]
-        unsent = handover.send(self._channel, fds)
-        if unsent:
-            log.warning("could not hand over %d idle connection(s): closing them", len(unsent))
+        self._hand_over([connection.detach() for connection in idle])
+
+    def _hand_over(self, fds: list[int]) -> None:
+        """Send connection fds to the master for the other workers; close our copies."""
+        if self._channel is not None and fds:
+            unsent = handover.send(self._channel, fds)
+            if unsent:
+                log.warning("could not hand over %d connection(s): closing them", len(unsent))
         handover.close_all(fds)  # our copies: the master holds those sent
 
     def drain(self, timeout: float) -> int:
