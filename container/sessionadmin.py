@@ -16,14 +16,13 @@ from __future__ import annotations
 import bisect
 import os
 import pickle
-import stat
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyserv.secret import MIN_KEY_BYTES, SecretError
+from pyserv.secret import read_secret
 from pyserv.stores.base import (
     HEADER_SIZE,
     BadEnvelope,
@@ -46,35 +45,6 @@ IDLE_LABELS: tuple[str, ...] = (
     "4-24 h",
     ">= 1 day",
 )
-
-
-# -- the secret, read but never created ----------------------------------------------------
-
-
-def read_secret(path: str) -> bytes:
-    """The key in *path*, checked as :func:`pyserv.secret.load_or_create_secret` checks it.
-
-    Maintenance must never create a key (a new key would make every stored session
-    invalid), so a missing file is a :class:`SecretError` naming it.
-    """
-    try:
-        with open(path, "rb") as stream:
-            mode = os.fstat(stream.fileno()).st_mode
-            key = stream.read().strip()
-    except FileNotFoundError:
-        raise SecretError(
-            f"no session secret file {path!r} (it is created when the first session is "
-            "stored; give the right one with secret_file or --secret-file)"
-        ) from None
-    except OSError as exc:
-        raise SecretError(f"cannot read the session secret file {path!r}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SecretError(f"session secret file {path!r} is readable by others: chmod 600 {path}")
-    if len(key) < MIN_KEY_BYTES:
-        raise SecretError(
-            f"session secret file {path!r} holds {len(key)} bytes, need at least {MIN_KEY_BYTES}"
-        )
-    return key
 
 
 def open_store(directory: str, secret_path: str) -> FileStore:

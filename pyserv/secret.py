@@ -44,6 +44,18 @@ def load_or_create_secret(path: str) -> bytes:
         ) from None
 
 
+def read_secret(path: str) -> bytes:
+    """The key in *path*, never created: for tools, where a new key would make every
+    stored session invalid. A missing file is a :class:`SecretError` naming it."""
+    try:
+        return _read(path)
+    except FileNotFoundError:
+        raise SecretError(
+            f"no session secret file {path!r} (it is created when the first session is "
+            "stored; point secret_file at the right one)"
+        ) from None
+
+
 def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as stream:

@@ -1,4 +1,5 @@
-"""Fixtures running private Apache instances for the integration tests."""
+"""Fixtures running private Apache instances and pyservd daemons for the integration
+tests; everything they start is stopped by pid at teardown."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from apache import ApacheServer, make_work_dir, require_apache
+from pyservd import Daemons
 
 # Signature of the apache_factory fixture's function; see its docstring.
 ApacheFactory = Callable[..., ApacheServer]
@@ -44,3 +46,10 @@ def apache_factory() -> Iterator[ApacheFactory]:
             return server.start()
 
         yield start
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """A :class:`pyservd.Daemons`: ``daemons.start(config)``; all stopped at teardown."""
+    with Daemons() as started:
+        yield started

@@ -10,7 +10,6 @@ run with no web server in front is tests/test_cgi.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,6 @@ sys.path.insert(0, '../../lib')
 import pyserv
 pyserv.cgimain('sessions', 'envprobe')
 """
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def probe_work_dir(daemons: Daemons) -> Path:

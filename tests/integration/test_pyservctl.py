@@ -11,7 +11,6 @@ import pwd
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ from pyservd import COOKIE, Daemons, wait_until, write_config
 pytestmark = pytest.mark.integration
 
 CTL_TIMEOUT = 90.0  # a reload may take the master's 60 s boot timeout
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def site_config(daemons: Daemons) -> Path:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,6 @@ from pyservd import (
 pytestmark = pytest.mark.integration
 
 SEED = {"module": "thisapp"}
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def previous_visits(response: HttpResponse) -> int:

@@ -69,12 +69,6 @@ class Static:
 PAD = 200_000  # bytes rewritten per increment: a write takes long enough to be killed in
 
 
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
-
-
 def prepare_work(daemons: Daemons) -> Path:
     work = daemons.work_dir()
     (work / "apps").mkdir(mode=0o755)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from pyservd import (
@@ -26,12 +25,6 @@ from pyservd import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def test_term_lets_a_running_request_finish(daemons: Daemons, apache_factory) -> None:

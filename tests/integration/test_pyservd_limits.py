@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,12 +61,6 @@ class Show:
     def run(self, request, response):
         response.write(f"n={self.session.get('n', 0)}\\n")
 '''
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def limits_site(daemons: Daemons, apache_factory, server=None, app=None):

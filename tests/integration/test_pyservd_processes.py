@@ -10,7 +10,6 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Iterator
 
 import pytest
 from pyservd import (
@@ -28,12 +27,6 @@ from pyservd import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 # -- workers replaced ---------------------------------------------------------------------

@@ -8,19 +8,12 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 from apache import HttpResponse
 from pyservd import Daemons, alive, get, run_load, start_site, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
 
 
 def test_term_exits_0_removes_socket_and_stops_workers(daemons: Daemons, apache_factory) -> None:

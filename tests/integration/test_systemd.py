@@ -30,12 +30,6 @@ from pyservd import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def daemons() -> Iterator[Daemons]:
-    with Daemons() as started:
-        yield started
-
-
 class Systemd:
     """The notification end of systemd: collects what pyservd sends."""
 
