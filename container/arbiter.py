@@ -91,8 +91,6 @@ def open_listener(address: ListenAddress, mode: int, group: str | None) -> socke
             os.chown(temp, -1, grp.getgrnam(group).gr_gid)
         sock.listen(socket.SOMAXCONN)
         os.rename(temp, path)
-        identity = os.stat(path)
-        _socket_files[sock.fileno()] = (identity.st_dev, identity.st_ino)
     except OSError as exc:
         sock.close()
         try:
@@ -101,11 +99,6 @@ def open_listener(address: ListenAddress, mode: int, group: str | None) -> socke
             pass
         raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
     return sock
-
-
-# fd of a bound Unix socket -> (st_dev, st_ino) of its file: fstat() on a socket
-# describes the socket, not the file, so this is how we know the file is still ours.
-_socket_files: dict[int, tuple[int, int]] = {}
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -145,6 +138,7 @@ class Arbiter:
         self._next_spawn = 0.0
         self._handover_turn = 0
         self._control: ControlServer | None = None
+        self._socket_file: tuple[int, int] | None = None  # (st_dev, st_ino) we bound
         self._watchdog = systemd.watchdog_interval()
         self._next_watchdog = 0.0
         self._next_status = 0.0
@@ -162,11 +156,15 @@ class Arbiter:
                 self._listener = activated[0]  # socket activation: systemd owns the file
                 log.info("serving the socket systemd passed (fd %d)", self._listener.fileno())
             else:
+                listen = self.config.server.listen
                 self._listener = open_listener(
-                    self.config.server.listen,
-                    self.config.server.socket_mode,
-                    self.config.server.socket_group,
+                    listen, self.config.server.socket_mode, self.config.server.socket_group
                 )
+                if listen.kind == "unix":
+                    # fstat() on a socket describes the socket, not its file: remember
+                    # the file, to remove it at exit only if it is still ours.
+                    bound = os.stat(listen.path)
+                    self._socket_file = (bound.st_dev, bound.st_ino)
             if self.http is not None:
                 host, port = self.http
                 self._http_listener = open_listener(
@@ -284,7 +282,7 @@ class Arbiter:
         if self._listener is None:
             return
         listen = self.config.server.listen
-        identity = _socket_files.pop(self._listener.fileno(), None)
+        identity, self._socket_file = self._socket_file, None
         if listen.kind == "unix" and identity is not None:
             try:
                 found = os.stat(listen.path)
