@@ -73,17 +73,14 @@ class Router:
     """Sends each request to the application whose mount prefixes its path."""
 
     def __init__(self, applications: Iterable[Application]) -> None:
-        by_length = sorted(applications, key=lambda a: len(a.settings.mount or ""), reverse=True)
-        self.applications = by_length
-        self._mounts = [
-            ((a.settings.mount or "").rstrip("/").encode("utf-8").decode("latin-1"), a)
-            for a in by_length
-        ]
+        # Longest mount first, so /a/b wins over /a.
+        self.applications = sorted(
+            applications, key=lambda a: len(a.settings.mount or ""), reverse=True
+        )
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-        for mount, application in self._mounts:
-            if path == mount or path.startswith(mount + "/"):
+        for application in self.applications:
+            if application.serves(environ):
                 return application(environ, start_response)
         response = error_response(404, "no application is mounted here")
         start_response(response.status_line, response.headers.items())

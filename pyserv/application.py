@@ -139,16 +139,22 @@ class Application:
             if request is not None:
                 request.close()
 
+    def serves(self, environ: dict[str, Any]) -> bool:
+        """True if the request's path lies under this app's mount (always, without one)."""
+        mount = self._wsgi_mount
+        if mount is None:
+            return True
+        full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        return full == mount or full.startswith(mount + "/")
+
     def _split_mount(self, environ: dict[str, Any]) -> None:
         """Derive SCRIPT_NAME/PATH_INFO from the mount when the server cannot.
 
         mod_proxy_fcgi, for one, sends the whole path as SCRIPT_NAME and no PATH_INFO.
         """
         mount = self._wsgi_mount
-        if mount is None:
-            return
-        full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-        if full == mount or full.startswith(mount + "/"):
+        if mount is not None and self.serves(environ):
+            full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
             environ["SCRIPT_NAME"], environ["PATH_INFO"] = mount, full[len(mount) :]
 
     def _handle(self, request: Request, start_response: StartResponse) -> Response:
