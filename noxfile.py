@@ -7,7 +7,7 @@ nox.options.sessions = ["unit"]
 
 @nox.session(python=["3.9", "3.13"])
 def unit(session: nox.Session) -> None:
-    session.install(".[test]")
+    session.install(".[test,redis]")
     session.run(
         "pytest",
         "-q",

@@ -14,12 +14,10 @@ from typing import Any, Callable
 from pyserv.application import Application, AppSettings
 from pyserv.errors import error_response
 from pyserv.request import RequestLimits
-from pyserv.secret import load_or_create_secret
-from pyserv.stores.base import Envelope
-from pyserv.stores.file import FileStore
 
 from .cache import CachedStore
 from .config import AppConfig, Config, ConfigError
+from .stores import build_store
 
 
 def import_module(app: AppConfig, config_path: str) -> Any:
@@ -50,6 +48,7 @@ def build_application(app: AppConfig, config: Config) -> Application:
         max_session_bytes=app.max_session_bytes,
         max_sessions=app.max_sessions,
         new_session_timeout=app.new_session_timeout,
+        session_route=app.session_route,
         limits=RequestLimits(
             max_body=config.server.max_body,
             max_params=config.server.max_params,
@@ -57,14 +56,9 @@ def build_application(app: AppConfig, config: Config) -> Application:
             max_header_bytes=config.server.max_header_bytes,
         ),
     )
-    envelope = Envelope(
-        lambda: load_or_create_secret(settings.secret_path), max_bytes=app.max_session_bytes
-    )
-    store = FileStore(app.session_dir, envelope, fsync=app.session_fsync)
-    store.ensure_directory()
     return Application(
         settings,
-        store=CachedStore(store, app.session_cache_size),
+        store=CachedStore(build_store(app, config), app.session_cache_size),
         module=import_module(app, config.path),
     )
 

@@ -22,8 +22,10 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from . import handover, logs, systemd
-from .config import Config, ConfigError, ListenAddress
+from pyserv.stores.base import StoreUnavailable
+
+from . import handover, logs, stores, systemd
+from .config import EX_CONFIG, Config, ConfigError, ListenAddress
 from .config import load as load_config
 from .control import ControlServer
 from .reloader import ChangeWatcher
@@ -150,6 +152,15 @@ class Arbiter:
 
     def run(self) -> int:
         logs.setup(self.config.server)
+        try:
+            stores.check_reachable(self.config)
+        except StoreUnavailable as exc:
+            log.error("start-up failed: %s", exc)
+            systemd.notify(f"STATUS=start-up failed: {exc}")
+            return stores.EX_UNAVAILABLE
+        except ConfigError as exc:
+            log.error("start-up failed: %s", exc)
+            return EX_CONFIG
         activated = systemd.listen_fds()
         try:
             if activated:

@@ -147,6 +147,28 @@ def _cookie_name(text: str) -> str:
     return text
 
 
+_REDIS_URL = re.compile(
+    r"rediss?://(?:[^@/]*@)?(\[[0-9a-fA-F:.]+\]|[^:/@\[\]]+)(?::[0-9]{1,5})?(?:/[0-9]+)?/?"
+)
+
+
+def _session_store(text: str) -> str:
+    if re.match(r"rediss?://[^@/]*:[^@/]*@", text):
+        raise ValueError(
+            "a password does not belong in the URL (config dumps and logs show it): "
+            "put it in session_store_password_file"
+        )
+    if text == "file" or _REDIS_URL.fullmatch(text):
+        return text
+    raise ValueError("expected file, redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
+
+
+def _route(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", text):
+        raise ValueError("expected a route name of 1 to 32 letters, digits, _ and -")
+    return text
+
+
 def _paths(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split(os.pathsep) if part)
 
@@ -239,7 +261,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("app", "mount", _mount, _REQUIRED, "URL path the app is served under"),
     Setting("app", "module", _module, _REQUIRED, "module defining the servlet classes"),
     Setting("app", "pythonpath", _paths, (), "directories prepended to sys.path", is_path=True),
-    Setting("app", "session_dir", str, _REQUIRED, "directory of session files", is_path=True),
+    Setting(
+        "app",
+        "session_store",
+        _session_store,
+        "file",
+        "where sessions live: file (session_dir), redis://HOST:PORT/DB or rediss://…",
+    ),
+    Setting(
+        "app",
+        "session_dir",
+        _optional(str),
+        None,
+        "directory of session files (session_store = file)",
+        is_path=True,
+    ),
+    Setting(
+        "app",
+        "session_store_password_file",
+        _optional(str),
+        None,
+        "file holding the Redis password (session_store = redis://…)",
+        is_path=True,
+    ),
+    Setting(
+        "app",
+        "session_route",
+        _optional(_route),
+        None,
+        "route appended to session cookies (.ROUTE) for mod_proxy_balancer stickysession",
+    ),
     Setting("app", "session_timeout", _integer(1), 3600, "idle seconds before a session expires"),
     Setting("app", "session_cookie", _cookie_name, "PYSERVSID", "session cookie name"),
     Setting(
@@ -313,7 +364,10 @@ class AppConfig:
     mount: str
     module: str
     pythonpath: tuple[str, ...]
-    session_dir: str
+    session_store: str
+    session_dir: str | None
+    session_store_password_file: str | None
+    session_route: str | None
     session_timeout: int
     session_cookie: str
     secret_file: str | None
@@ -360,7 +414,8 @@ def _section_values(
         try:
             value = setting.convert(text)
         except ValueError as exc:
-            raise ConfigError(f"{path}: [{section}] {key} = {text!r}: {exc}") from None
+            shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)  # never a password
+            raise ConfigError(f"{path}: [{section}] {key} = {shown!r}: {exc}") from None
         if setting.is_path and value not in (None, "-"):
             if isinstance(value, tuple):
                 value = tuple(os.path.normpath(os.path.join(base, p)) for p in value)
@@ -411,13 +466,45 @@ def _check_apps(path: str, apps: list[AppConfig]) -> None:
     seen_mounts: dict[str, str] = {}
     seen_dirs: dict[str, str] = {}
     for app in apps:
+        _check_store(path, app)
         for seen, value, what in (
             (seen_mounts, app.mount, "mount"),
             (seen_dirs, app.session_dir, "session_dir"),
         ):
+            if value is None:
+                continue
             if value in seen:
                 raise ConfigError(
                     f"{path}: [app:{app.name}] {what} = {value!r}: already used by "
                     f"[app:{seen[value]}]"
                 )
             seen[value] = app.name
+
+
+def _check_store(path: str, app: AppConfig) -> None:
+    """The keys each kind of session store needs, and no keys of another kind."""
+    where = f"{path}: [app:{app.name}]"
+    if app.session_store == "file":
+        if app.session_dir is None:
+            raise ConfigError(f"{where} session_dir is required (directory of session files)")
+        if app.session_store_password_file is not None:
+            raise ConfigError(
+                f"{where} session_store_password_file is for session_store = redis://…"
+            )
+        return
+    if app.session_dir is not None:
+        raise ConfigError(
+            f"{where} session_dir is for session_store = file; sessions are in {app.session_store}"
+        )
+    if app.secret_file is None:
+        raise ConfigError(
+            f"{where} secret_file is required with session_store = {app.session_store}: "
+            "every host must sign sessions with the same key file"
+        )
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{where} session_store = {app.session_store}: the redis package is not "
+            "installed (pip install 'pyserv[redis]')"
+        ) from None

@@ -194,6 +194,14 @@ def _targets(args: argparse.Namespace) -> list[Target]:
         if not apps:
             known = ", ".join(a.name for a in config.apps)
             raise CtlError(f"{config.path}: no [app:{args.app}] (apps: {known})", EX_USAGE)
+        for app in apps:
+            if app.session_dir is None:
+                raise CtlError(
+                    f"{config.path}: [app:{app.name}] keeps its sessions in "
+                    f"{app.session_store}, which expires them itself; pyservctl sessions "
+                    "works on session directories (choose another app with --app)",
+                    EX_USAGE,
+                )
         targets = [
             Target(
                 app.name,

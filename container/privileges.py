@@ -81,7 +81,8 @@ def enter_worker(config: Config) -> None:
     uid = identity.uid if identity is not None else os.geteuid()
     gid = identity.gid if identity is not None else os.getegid()
     for app in config.apps:
-        _prepare_session_dir(config, app, uid, gid)
+        if app.session_dir is not None:
+            _prepare_session_dir(config, app, uid, gid)
     if identity is not None:
         drop_privileges(identity)
     for app in config.apps:
@@ -147,13 +148,19 @@ def _prepare_session_dir(config: Config, app: AppConfig, uid: int, gid: int) -> 
 
 
 def _check_usable(config: Config, app: AppConfig) -> None:
+    """As the workers' user: the session directory (if any) and the key are usable."""
     path = app.session_dir
-    where = f"{config.path}: [app:{app.name}] session_dir = {path!r}"
-    if os.statvfs(path).f_flag & os.ST_RDONLY:
-        raise ConfigError(f"{where}: on a read-only file system: sessions cannot be stored")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{where}: not writable by {_user_name(os.geteuid())!r}")
-    secret = app.secret_file or os.path.join(path, ".secret")
+    if path is not None:
+        where = f"{config.path}: [app:{app.name}] session_dir = {path!r}"
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"{where}: on a read-only file system: sessions cannot be stored")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{where}: not writable by {_user_name(os.geteuid())!r}")
+    _check_secret(config, app)
+
+
+def _check_secret(config: Config, app: AppConfig) -> None:
+    secret = app.secret_file or os.path.join(app.session_dir or "", ".secret")
     if os.path.exists(secret):
         if not os.access(secret, os.R_OK):
             raise ConfigError(

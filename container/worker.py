@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from pyserv.stores.base import StoreUnavailable
+
 from . import logs, privileges
 from .apps import Router, build_router
 from .config import Config, ConfigError
@@ -244,6 +246,9 @@ class _Sweeper:
             try:
                 removed = store.sweep(time.time())
                 live += store.count()
+            except StoreUnavailable as exc:
+                log.warning("session sweep skipped: %s", exc)
+                return
             except Exception:
                 log.exception("session sweep failed")
                 return

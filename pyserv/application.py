@@ -50,7 +50,7 @@ class AppSettings:
 
     name: str
     module: str
-    session_dir: str
+    session_dir: str | None  # None: the store is not a directory (then set secret_file)
     mount: str | None = None  # None: trust SCRIPT_NAME (CGI); else split the path here
     session_timeout: int = 3600
     session_cookie: str = "PYSERVSID"
@@ -60,11 +60,14 @@ class AppSettings:
     max_session_bytes: int = 1024 * 1024  # pickled; a bigger session is not stored: 500
     max_sessions: int = 0  # stored sessions; beyond, a request creating one gets 503
     new_session_timeout: int = 300  # idle timeout until the session's cookie comes back
+    session_route: str | None = None  # cookie value <id>.<route> for sticky balancers
     limits: RequestLimits = field(default_factory=RequestLimits)
 
     @property
     def secret_path(self) -> str:
-        return self.secret_file or os.path.join(self.session_dir, ".secret")
+        if self.secret_file is None and self.session_dir is None:
+            raise ValueError(f"app {self.name!r}: set secret_file (there is no session_dir)")
+        return self.secret_file or os.path.join(self.session_dir or "", ".secret")
 
 
 def new_request_id() -> str:
@@ -100,6 +103,8 @@ class Application:
                 lambda: load_or_create_secret(settings.secret_path),
                 max_bytes=settings.max_session_bytes,
             )
+            if settings.session_dir is None:
+                raise ValueError(f"app {settings.name!r}: no session_dir and no store given")
             store = FileStore(settings.session_dir, envelope, fsync=settings.session_fsync)
         self.store = store
         self.sessions = SessionInterface(
@@ -109,6 +114,7 @@ class Application:
             lock_timeout=settings.session_lock_timeout,
             new_session_timeout=settings.new_session_timeout,
             max_sessions=settings.max_sessions,
+            route=settings.session_route,
         )
         mount = (settings.mount or "").rstrip("/")
         self._wsgi_mount = mount.encode("utf-8").decode("latin-1") if settings.mount else None

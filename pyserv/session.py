@@ -70,6 +70,7 @@ class Session(MutableMapping[str, Any]):
         self.invalidated = False
         self.rotated = False
         self._confirmed = False  # its cookie came back: save once to store that fact
+        self._cookie_route: str | None = None  # the route its cookie came with, if any
 
     @property
     def id(self) -> str:
@@ -180,6 +181,10 @@ class SessionInterface:
     Holds no per-request state; shared by all threads of an application.
     *new_session_timeout* (0 = off) is the idle timeout of a session until its cookie
     comes back; *max_sessions* (0 = unlimited) refuses new sessions beyond that many.
+    *route* (mod_proxy_balancer's stickysession) is appended to the cookie value as
+    ``<id>.<route>``; it is only a routing hint, never part of the id, so a session moved
+    to another host by failover is found there and its cookie re-issued with that
+    host's route.
     """
 
     def __init__(
@@ -191,8 +196,10 @@ class SessionInterface:
         lock_timeout: float = 10.0,
         new_session_timeout: int = 0,
         max_sessions: int = 0,
+        route: str | None = None,
     ) -> None:
         self.store = store
+        self.route = route
         self.cookie_name = cookie_name
         self.timeout = timeout
         self.lock_timeout = lock_timeout
@@ -202,7 +209,14 @@ class SessionInterface:
         self._next_limit_log = 0.0
 
     def open(self, request: Request) -> Session:
-        for sid in request.cookies.getall(self.cookie_name):
+        """The session the request's cookie names, locked; else a new one (not stored).
+
+        Raises HTTPError 503 when the session is busy beyond the lock timeout or the
+        store cannot be reached (nothing is minted then: a new session is only stored,
+        and its cookie only sent, by a save that succeeds).
+        """
+        for value in request.cookies.getall(self.cookie_name):
+            sid, _, route = value.partition(".")
             if not valid_session_id(sid):
                 continue  # forged, overlong, non-ASCII, '../': as if no cookie
             try:
@@ -211,10 +225,21 @@ class SessionInterface:
                 raise HTTPError(
                     503, "session busy, try again", headers=[("Retry-After", "1")]
                 ) from None
+            except StoreUnavailable as exc:
+                log.error("request_id=%s session store: %s", request.request_id, exc)
+                raise HTTPError(
+                    503, "session storage unavailable, try again", headers=[("Retry-After", "1")]
+                ) from None
             if lock is None:
                 continue
             try:
                 record = self.store.load(sid)
+            except StoreUnavailable as exc:
+                lock.release()
+                log.error("request_id=%s session store: %s", request.request_id, exc)
+                raise HTTPError(
+                    503, "session storage unavailable, try again", headers=[("Retry-After", "1")]
+                ) from None
             except BaseException:
                 lock.release()
                 raise
@@ -222,6 +247,7 @@ class SessionInterface:
                 lock.release()
                 continue
             session = Session(record, new=False, lock=lock)
+            session._cookie_route = route or None
             if record.new_timeout:  # the cookie came back: no longer provisional
                 record.new_timeout = 0
                 session._confirmed = True
@@ -250,6 +276,8 @@ class SessionInterface:
         if not session.modified:
             if session._confirmed:
                 self._confirm(session)
+            if not session.is_new and self._route_changed(session):
+                self._set_cookie(session, request, response)  # failed over: route here now
             return
         if session.is_new:
             self._check_capacity()
@@ -265,16 +293,24 @@ class SessionInterface:
             session._record = self.store.save(record, now)
         if session.is_new and self._counter is not None:
             self._counter.created()
-        if session.is_new or session.rotated:
-            response.set_cookie(
-                self.cookie_name,
-                session.id,
-                path=self._cookie_path(request),
-                secure=request.is_secure,
-                httponly=True,
-                samesite="Lax",
-            )
-            response.headers.set("Cache-Control", "private, no-store")
+        if session.is_new or session.rotated or self._route_changed(session):
+            self._set_cookie(session, request, response)
+
+    def _route_changed(self, session: Session) -> bool:
+        """The cookie came with another host's route (or none): this host serves it now."""
+        return self.route is not None and session._cookie_route != self.route
+
+    def _set_cookie(self, session: Session, request: Request, response: Response) -> None:
+        value = session.id if self.route is None else f"{session.id}.{self.route}"
+        response.set_cookie(
+            self.cookie_name,
+            value,
+            path=self._cookie_path(request),
+            secure=request.is_secure,
+            httponly=True,
+            samesite="Lax",
+        )
+        response.headers.set("Cache-Control", "private, no-store")
 
     def _confirm(self, session: Session) -> None:
         """Store that a provisional session's cookie came back (its own timeout applies

@@ -164,3 +164,50 @@ def test_bad_limit_is_one_line_naming_the_key(tmp_path, line, expected):
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert expected in str(caught.value)
+
+
+REDIS_APP = GOOD.replace(
+    "session_dir = sessions",
+    "session_store = redis://127.0.0.1:6379/2\nsecret_file = keys/session.key",
+)
+
+
+def test_redis_store_takes_a_url_a_shared_key_file_and_a_route(tmp_path):
+    text = REDIS_APP + "session_store_password_file = redis.pass\nsession_route = host-a\n"
+    (app,) = load(write(tmp_path, text)).apps
+    assert app.session_store == "redis://127.0.0.1:6379/2"
+    assert app.session_dir is None
+    assert app.secret_file == str(tmp_path / "conf" / "keys" / "session.key")
+    assert app.session_store_password_file == str(tmp_path / "conf" / "redis.pass")
+    assert app.session_route == "host-a"
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        ("secret_file = keys/session.key", "", "secret_file is required with session_store"),
+        (
+            "secret_file = keys/session.key",
+            "secret_file = k\nsession_dir = s",
+            "session_dir is for session_store = file",
+        ),
+        ("redis://127.0.0.1:6379/2", "memcached://x", "expected file, redis://HOST:PORT/DB"),
+        ("redis://127.0.0.1:6379/2", "redis://:hunter2@127.0.0.1/0", "does not belong in the URL"),
+        ("secret_file = keys/session.key", "secret_file = k\nsession_route = a.b", "route name"),
+    ],
+)
+def test_redis_store_problems_are_one_line(tmp_path, replace, by, expected):
+    path = write(tmp_path, REDIS_APP.replace(replace, by))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert message.startswith(path) and expected in message and "\n" not in message
+    assert "hunter2" not in message
+
+
+def test_file_store_needs_a_session_dir_and_no_redis_password(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[app:testapp\] session_dir is required"):
+        load(write(tmp_path, GOOD.replace("session_dir = sessions", "")))
+    with_password = GOOD + "session_store_password_file = p\n"
+    with pytest.raises(ConfigError, match="session_store_password_file is for session_store"):
+        load(write(tmp_path, with_password))

@@ -587,3 +587,76 @@ def test_new_session_timeout_zero_or_not_shorter_turns_provisional_sessions_off(
         sid = call(app, "Increment").new_sid
         header = stored_header(session_dir, sid)
         assert (header.new_timeout, header.idle_timeout) == (0, 3600), settings
+
+
+# -- session_route: a routing hint for sticky balancers, never part of the id --------------
+
+
+def cookie_value(reply: Reply) -> str | None:
+    return reply.new_sid
+
+
+def test_route_is_appended_to_the_cookie_of_a_new_session(make_app, session_dir):
+    app = make_app(session_route="a")
+    value = cookie_value(call(app, "Increment"))
+    sid, _, route = value.partition(".")
+    assert route == "a"
+    assert session_file(session_dir, sid).exists()  # stored under the bare id
+
+    again = call(app, "Increment", cookie=f"PYSERVSID={value}")
+    assert again.json["data"] == {"n": 2}
+    assert again.new_sid is None  # same route: nothing to re-issue
+
+
+def test_session_arriving_with_another_hosts_route_is_served_and_rerouted(make_app):
+    host_a, host_b = make_app(session_route="a"), make_app(session_route="b")
+    value = cookie_value(call(host_a, "Increment"))
+    sid = value.split(".")[0]
+
+    failed_over = call(host_b, "Increment", cookie=f"PYSERVSID={value}")
+    assert failed_over.json["data"] == {"n": 2} and failed_over.json["id"] == sid
+    assert failed_over.new_sid == f"{sid}.b"
+
+    read_only = call(host_b, "Read", cookie=f"PYSERVSID={sid}.a")  # not modified: re-routed too
+    assert read_only.json["data"] == {"n": 2}
+    assert read_only.new_sid == f"{sid}.b"
+
+
+def test_route_is_never_trusted_as_part_of_the_id(make_app, session_dir):
+    app = make_app(session_route="a")
+    sid = cookie_value(call(app, "Increment")).split(".")[0]
+    for forged in (f"{sid}x.a", f"{sid}/../x.a", f".a{sid}"):
+        reply = call(app, "Read", cookie=f"PYSERVSID={forged}")
+        assert reply.json["is_new"] and reply.new_sid is None
+
+
+def test_untouched_new_session_gets_no_routed_cookie(make_app):
+    app = make_app(session_route="a")
+    assert call(app, "Read").new_sid is None
+    assert call(app, "Untouched").new_sid is None
+
+
+# -- a store that cannot be reached: 503, nothing minted -----------------------------------
+
+
+def test_unreachable_store_answers_503_and_mints_no_session(make_app, session_dir, monkeypatch):
+    from pyserv.stores.base import StoreUnavailable
+
+    app = make_app()
+    sid = call(app, "Increment").new_sid
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused")
+
+    store = app.sessions.store
+    for method in ("lock", "load", "save"):
+        monkeypatch.setattr(store, method, down)
+    with_cookie = call(app, "Increment", cookie=f"PYSERVSID={sid}")
+    assert with_cookie.status == 503 and with_cookie.header_values("Retry-After") == ["1"]
+    assert with_cookie.session_cookies() == []
+    without_cookie = call(app, "Increment")
+    assert without_cookie.status == 503 and without_cookie.session_cookies() == []
+    assert call(app, "Untouched").status == 200
+
+    monkeypatch.undo()
+    assert call(app, "Increment", cookie=f"PYSERVSID={sid}").json["data"] == {"n": 2}
