@@ -32,7 +32,7 @@ from pyserv.stores.base import (
     read_header,
     valid_session_id,
 )
-from pyserv.stores.file import DATA_SUFFIX, LOCK_SUFFIX, QUARANTINE, FileStore
+from pyserv.stores.file import DATA_SUFFIX, LOCK_SUFFIX, QUARANTINE, SPARE_SUFFIX, FileStore
 
 # Upper bounds (seconds) of the idle-time histogram's buckets; the last one is open.
 IDLE_BUCKETS: tuple[int, ...] = (60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -308,10 +308,11 @@ def quarantine(store: FileStore, sid: str) -> str | None:
             n += 1
             target = f"{base}.{n}"
         os.replace(path, target)
-        try:  # we hold the lock, so we may remove its file (the store's rule)
-            os.unlink(os.path.join(store.directory, sid[:2], sid + LOCK_SUFFIX))
-        except FileNotFoundError:
-            pass
+        for suffix in (SPARE_SUFFIX, LOCK_SUFFIX):  # we hold the lock: we may remove them
+            try:
+                os.unlink(os.path.join(store.directory, sid[:2], sid + suffix))
+            except FileNotFoundError:
+                pass
         return target
     finally:
         held.release()

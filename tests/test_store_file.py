@@ -192,7 +192,7 @@ def test_save_leaves_no_temp_file(store, session_dir):
         lock.release()
 
     names = sorted(path.name for path in (session_dir / stored.sid[:2]).iterdir())
-    assert names == [f"{stored.sid}.lock", f"{stored.sid}.session"]
+    assert names == [f"{stored.sid}.lock", f"{stored.sid}.session", f"{stored.sid}.spare"]
 
 
 def test_crash_mid_write_keeps_old_value_and_sweep_removes_stale_temp(store, session_dir):
@@ -214,6 +214,74 @@ def test_crash_mid_write_keeps_old_value_and_sweep_removes_stale_temp(store, ses
     assert loaded is not None and loaded.data == {"v": "old"}
 
 
+def update(store: FileStore, sid: str, data: dict) -> None:
+    lock = store.lock(sid, 5.0)
+    try:
+        current = store.load(sid)
+        current.data.clear()
+        current.data.update(data)
+        store.save(current, time.time())
+    finally:
+        lock.release()
+
+
+def test_updates_swap_two_files_instead_of_creating_one_per_write(store, session_dir):
+    stored = store.save(make_record({"v": 0}), time.time())
+    path = data_path(session_dir, stored.sid)
+    inodes = set()
+    for value in range(1, 6):
+        update(store, stored.sid, {"v": value, "pad": "x" * (500 - 100 * value)})  # shrinks
+        inodes.add(path.stat().st_ino)
+        assert load_locked(store, stored.sid).data["v"] == value
+    assert len(inodes) == 2  # the session file and its spare, swapped back and forth
+
+
+def test_crash_while_writing_the_spare_keeps_the_old_value(store, session_dir):
+    stored = store.save(make_record({"v": "old"}), time.time())
+    update(store, stored.sid, {"v": "older"})
+    update(store, stored.sid, {"v": "current"})
+    spare = session_dir / stored.sid[:2] / f"{stored.sid}.spare"
+    spare.write_bytes(b"half a write, then kill -9")  # the crash: no swap happened
+
+    assert load_locked(store, stored.sid).data == {"v": "current"}
+    update(store, stored.sid, {"v": "next"})  # the torn spare is simply overwritten
+    assert load_locked(store, stored.sid).data == {"v": "next"}
+
+
+def test_updates_fall_back_to_replace_where_files_cannot_be_swapped(store, monkeypatch):
+    from pyserv.stores import file as file_module
+    from pyserv.stores.exchange import ExchangeUnsupported
+
+    def unsupported(first, second):
+        raise ExchangeUnsupported(errno.EINVAL, "not on this file system")
+
+    monkeypatch.setattr(file_module, "exchange", unsupported)
+    stored = store.save(make_record({"v": 1}), time.time())
+    update(store, stored.sid, {"v": 2})
+    update(store, stored.sid, {"v": 3})
+    assert load_locked(store, stored.sid).data == {"v": 3}
+
+
+def test_sweep_removes_the_spare_of_a_session_moved_aside(store, session_dir):
+    stored = store.save(make_record({"v": 1}), time.time())
+    update(store, stored.sid, {"v": 2})
+    spare = session_dir / stored.sid[:2] / f"{stored.sid}.spare"
+    data_path(session_dir, stored.sid).unlink()  # as quarantine does
+    store.sweep(time.time())
+    assert spare.exists()  # young: could belong to a write in progress
+    hour_and_more = time.time() - 3700
+    os.utime(spare, (hour_and_more, hour_and_more))
+    store.sweep(time.time())
+    assert not spare.exists()
+
+
+def test_delete_removes_the_spare_too(store, session_dir):
+    stored = store.save(make_record({"v": 1}), time.time())
+    update(store, stored.sid, {"v": 2})
+    store.delete(stored.sid)
+    assert list((session_dir / stored.sid[:2]).iterdir()) == []
+
+
 def test_disk_full_during_write_raises_store_unavailable_and_keeps_old_value(
     store, session_dir, monkeypatch
 ):
@@ -223,11 +291,12 @@ def test_disk_full_during_write_raises_store_unavailable_and_keeps_old_value(
         current = store.load(stored.sid)
         current.data["v"] = "new"
 
-        def disk_full(fd, data):
+        def disk_full(*args):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         with monkeypatch.context() as patch:
-            patch.setattr(os, "write", disk_full)
+            patch.setattr(os, "write", disk_full)  # a new file (replace)
+            patch.setattr(os, "pwrite", disk_full)  # the spare (swap)
             with pytest.raises(StoreUnavailable):
                 store.save(current, time.time())
     finally:
@@ -654,3 +723,24 @@ def test_read_only_directory_still_serialises_requests_of_one_session(store, rea
     finally:
         held.release()
     store.lock(stored.sid, 0.1).release()
+
+
+def test_sweep_skips_a_session_locked_by_a_request(store, age_session, store_contents):
+    """A request that locked a session the sweeper finds idle is using it: it stays."""
+    expired = store.save(make_record({"v": "expired"}, timeout=60), time.time())
+    busy = store.save(make_record({"v": "busy"}, timeout=60), time.time())
+    age_session(expired.sid, 120)
+    age_session(busy.sid, 120)
+    lock = store.lock(busy.sid, 5.0)
+    assert lock is not None
+    try:
+        removed = store.sweep(time.time())
+        remaining = store_contents()
+    finally:
+        lock.release()
+
+    assert removed == 1
+    assert not any(expired.sid in name for name in remaining)
+    assert any(busy.sid in name for name in remaining)
+    assert store.sweep(time.time()) == 1  # unlocked now: the idle busy one goes too
+    assert store.lock(busy.sid, 1.0) is None

@@ -4,8 +4,14 @@ The daemon's workers, mod_fcgid processes and CGI processes may all use one dire
 once. Layout: ``DIR/ab/<id>.session`` (the envelope; its mtime is the last access),
 ``DIR/ab/<id>.lock`` (a stable lock file), ``ab`` being the id's first two characters.
 
-- Writes go to a temp file in the same directory, then ``os.replace``: a reader sees the
-  old or the new file, never a torn one; a crash leaves at most a temp file.
+- A new session is written to a temp file in the same directory, then renamed into
+  place. An update overwrites the session's spare file ``<id>.spare`` (its previous
+  version) and swaps it with the session file in one atomic step
+  (:func:`~pyserv.stores.exchange.exchange`): no inode is created or freed, which on
+  ext4 makes a write ~30 times cheaper than a replace. Either way a reader sees the old
+  or the new file, never a torn one, and a crash leaves the old one (plus at most a temp
+  or a half-written spare, never read). Where swapping is unsupported, updates fall back
+  to temp file + ``os.replace``.
 - Locking is a per-id in-process lock (threads queue without polling) plus ``flock`` on
   the lock file, which ``os.replace`` never swaps out. A lock file is only unlinked by
   its lock holder, and a locker re-checks after ``flock`` that the file it locked is
@@ -24,7 +30,6 @@ import fcntl
 import logging
 import os
 import secrets
-import threading
 import time
 
 from .base import (
@@ -40,11 +45,14 @@ from .base import (
     read_header,
     valid_session_id,
 )
+from .exchange import ExchangeUnsupported, exchange
+from .keyed import KeyedLocks
 
 log = logging.getLogger("pyserv.error")
 
 DATA_SUFFIX = ".session"
 LOCK_SUFFIX = ".lock"
+SPARE_SUFFIX = ".spare"
 TEMP_SUFFIX = ".tmp"
 QUARANTINE = "quarantine"
 STALE_TEMP_SECONDS = 3600
@@ -52,39 +60,11 @@ _UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-class _KeyedLocks:
-    """Per-key thread locks that exist only while someone holds or waits for them."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._entries: dict[str, list] = {}  # key -> [lock, holders + waiters]
-
-    def acquire(self, key: str, timeout: float) -> bool:
-        with self._guard:
-            entry = self._entries.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        if entry[0].acquire(timeout=max(timeout, 0)):
-            return True
-        self._forget(key, entry)
-        return False
-
-    def release(self, key: str) -> None:
-        entry = self._entries[key]
-        entry[0].release()
-        self._forget(key, entry)
-
-    def _forget(self, key: str, entry: list) -> None:
-        with self._guard:
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._entries[key]
-
-
 class _FileLock(SessionLock):
     """The in-process lock on *sid* plus, with *fd*, the flock on its lock file (None when
     the directory is read-only and the lock file missing: then nobody can write)."""
 
-    def __init__(self, keyed: _KeyedLocks, sid: str, fd: int | None) -> None:
+    def __init__(self, keyed: KeyedLocks, sid: str, fd: int | None) -> None:
         self._keyed = keyed
         self._sid = sid
         self._fd = fd
@@ -99,7 +79,9 @@ class _FileLock(SessionLock):
 
 
 def _flock_until(fd: int, deadline: float) -> bool:
-    delay = 0.0005
+    # Polling, since a blocking flock cannot time out; a short cap keeps the wait close
+    # to the holder's release (a request holds a session for well under a millisecond).
+    delay = 0.0001
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,7 +92,7 @@ def _flock_until(fd: int, deadline: float) -> bool:
         if remaining <= 0:
             return False
         time.sleep(min(delay, remaining))
-        delay = min(delay * 2, 0.01)
+        delay = min(delay * 2, 0.001)
 
 
 def _unlink_quietly(path: str) -> None:
@@ -118,6 +100,18 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _spare_path(data_path: str) -> str:
+    return data_path[: -len(DATA_SUFFIX)] + SPARE_SUFFIX
+
+
+def _fsync_directory(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 _NO_FILE_LOCK = -1  # _flock_current: read-only directory, no lock file to lock
@@ -154,13 +148,18 @@ class FileStore(SessionStore):
 
     *fsync* makes each save durable against power loss (fsync of file and directory),
     at a cost per write; without it a save is atomic but may be lost in a power cut.
+    *spares* (the default) updates sessions by swapping in a spare file; off, by
+    replacing the file (cheaper for a process that writes once: no ctypes import).
     """
 
-    def __init__(self, directory: str, envelope: Envelope, *, fsync: bool = False) -> None:
+    def __init__(
+        self, directory: str, envelope: Envelope, *, fsync: bool = False, spares: bool = True
+    ) -> None:
         self.directory = os.path.abspath(directory)
         self.envelope = envelope
         self._fsync = fsync
-        self._keyed = _KeyedLocks()
+        self._spares = spares
+        self._keyed = KeyedLocks()
 
     def _paths(self, sid: str) -> tuple[str, str, str]:
         if not valid_session_id(sid):
@@ -297,7 +296,10 @@ class FileStore(SessionStore):
                 raise SessionConflict("the session expired")
         successor = record.successor(record.data, now)
         blob = self.envelope.seal(successor)  # SessionValueError before touching the disk
-        self._write_atomic(subdir, data_path, blob)
+        if stored is not None and self._spares:
+            self._write_swapped(data_path, blob)
+        else:
+            self._write_atomic(subdir, data_path, blob)
         successor.size = len(blob)
         return successor
 
@@ -305,6 +307,7 @@ class FileStore(SessionStore):
         _, data_path, lock_path = self._paths(sid)
         try:
             _unlink_quietly(data_path)
+            _unlink_quietly(_spare_path(data_path))
             _unlink_quietly(lock_path)
         except OSError as exc:
             if exc.errno in _UNAVAILABLE:
@@ -339,16 +342,43 @@ class FileStore(SessionStore):
                 os.close(fd)
             os.replace(temp, data_path)
             if self._fsync:
-                dir_fd = os.open(subdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+                _fsync_directory(subdir)
         except OSError as exc:
             try:
                 _unlink_quietly(temp)
             except OSError:
                 pass  # read-only: there is no temp file to remove
+            if exc.errno in _UNAVAILABLE:
+                raise StoreUnavailable(f"cannot write session: {exc.strerror}") from exc
+            raise
+
+    def _write_swapped(self, data_path: str, blob: bytes) -> None:
+        """Overwrite the spare with *blob* and swap it in; the old version becomes the
+        spare. Caller holds the session's lock (so nobody else touches the spare)."""
+        spare = _spare_path(data_path)
+        try:
+            try:
+                fd = os.open(spare, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(spare, flags, 0o600)
+            try:
+                view, offset = memoryview(blob), 0
+                while offset < len(blob):
+                    offset += os.pwrite(fd, view[offset:], offset)
+                os.ftruncate(fd, len(blob))
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                exchange(spare, data_path)
+            except ExchangeUnsupported:
+                self._spares = False  # this file system: replace from now on
+                os.replace(spare, data_path)
+            if self._fsync:
+                _fsync_directory(os.path.dirname(data_path))
+        except OSError as exc:
             if exc.errno in _UNAVAILABLE:
                 raise StoreUnavailable(f"cannot write session: {exc.strerror}") from exc
             raise
@@ -360,6 +390,7 @@ class FileStore(SessionStore):
         try:
             os.makedirs(target_dir, mode=0o700, exist_ok=True)
             os.replace(data_path, target)
+            _unlink_quietly(_spare_path(data_path))  # the version before; signed, but stale
         except OSError as exc:
             log.warning(
                 "session %s failed verification (%s); cannot move it aside: %s",
@@ -434,6 +465,14 @@ class FileStore(SessionStore):
                 elif name.endswith(TEMP_SUFFIX):
                     if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                         _unlink_quietly(entry.path)
+                elif name.endswith(SPARE_SUFFIX):
+                    sid = name[: -len(SPARE_SUFFIX)]
+                    if (
+                        valid_session_id(sid)
+                        and not os.path.exists(os.path.join(subdir, sid + DATA_SUFFIX))
+                        and now - entry.stat().st_mtime > STALE_TEMP_SECONDS
+                    ):
+                        _unlink_quietly(entry.path)  # its session was moved aside
                 elif name.endswith(LOCK_SUFFIX):
                     sid = name[: -len(LOCK_SUFFIX)]
                     if valid_session_id(sid) and not os.path.exists(

@@ -283,8 +283,10 @@ def test_full_disk_answers_503_for_writes_keeps_data_and_recovers(
         before = stored_sessions(sessions)
         filler = fill(sessions)
 
-        write = get(apache.base_url, "/testapp/Bump?pad=8000", sid)
-        create = get(apache.base_url, "/testapp/Bump?pad=8000")
+        # Bigger than the session's spare file (an update that fits there needs no
+        # new space and succeeds, atomically, even on a full disk).
+        write = get(apache.base_url, "/testapp/Bump?pad=40000", sid)
+        create = get(apache.base_url, "/testapp/Bump?pad=40000")
         read = get(apache.base_url, "/testapp/Show", sid)
 
         assert write.status == 503 and write.headers["Retry-After"] == "1"
