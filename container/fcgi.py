@@ -43,6 +43,7 @@ _HEADER = struct.Struct("!BBHHBx")  # version, type, request id, content length,
 _BEGIN_BODY = struct.Struct("!HB5x")  # role, flags
 _CLOSE_DRAIN_SECONDS = 1.0
 _RECV_BYTES = 65536
+_HELD_BYTES = 65536  # response bytes queued before they are sent anyway
 _DEADLINE_CHECK_INTERVAL = 0.25
 
 
@@ -112,11 +113,37 @@ def _canned(status: str, text: str, extra: str = "") -> bytes:
     return head.encode("latin-1") + body
 
 
+_serving = threading.local()  # .connection: the connection a pool thread is running
+
+
+def _streaming_flushes(app: WSGIApp) -> WSGIApp:
+    """*app*, whose WSGI ``write`` calls (streamed output) are sent at once; a returned
+    body goes out with the end of the response (see :meth:`_Connection.writeRecord`)."""
+
+    def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        def start(status: str, headers: list[Any], exc_info: Any = None) -> Callable[..., Any]:
+            write = start_response(status, headers, exc_info)
+
+            def write_now(data: bytes) -> None:
+                write(data)
+                connection = getattr(_serving, "connection", None)
+                if connection is not None:
+                    connection.flush_output()
+
+            return write_now
+
+        return app(environ, start)
+
+    return application
+
+
 class _WSGIServer(fcgi_base.BaseFCGIServer):
     """flup's WSGI handler without its CGI fallback, debug page or PATH_INFO guessing."""
 
     def __init__(self, app: WSGIApp) -> None:
-        super().__init__(app, multithreaded=True, multiprocess=True, debug=False)
+        super().__init__(
+            _streaming_flushes(app), multithreaded=True, multiprocess=True, debug=False
+        )
 
     def _sanitizeEnv(self, environ: dict[str, Any]) -> None:  # noqa: N802 - flup's name
         # flup would rebuild an empty PATH_INFO from REQUEST_URI (raw, still
@@ -157,6 +184,7 @@ class _Connection(fcgi_base.Connection):
         self._params = bytearray()
         self._params_overflow = False
         self._write_lock = threading.Lock()
+        self._held = b""  # records not sent yet (see writeRecord)
         self._muted = False  # the request was answered for: drop its servlet's output
         self._broken = False  # its input ended early: close once the request is done
         self._quick_close = False  # closing from the I/O thread: no blocking drain
@@ -217,6 +245,11 @@ class _Connection(fcgi_base.Connection):
                 raise ProtocolError("a second request while one is open (multiplexing)")
             role, flags = _BEGIN_BODY.unpack(content)
             request = self.server.request_class(self, self._inputStreamClass, 0)
+            # Buffered: flup then sends the headers and the body of a response (each
+            # WSGI write) as one record, not two.
+            request.stdout = fcgi_base.OutputStream(
+                self, request, fcgi_base.FCGI_STDOUT, buffered=True
+            )
             request.requestId, request.role, request.flags = request_id, role, flags
             request.aborted = False
             self._requests[request_id] = request
@@ -316,9 +349,36 @@ class _Connection(fcgi_base.Connection):
     # -- answering and running --------------------------------------------------------
 
     def writeRecord(self, rec: Any) -> None:  # noqa: N802 - flup's name
+        """Queue *rec*; send the queue with the request's END_REQUEST record.
+
+        flup sends each record in three system calls (header, content, padding), and a
+        response takes four records. Each call releases and retakes the GIL, which under
+        load costs far more than the call itself: a whole response goes out in one.
+        Output a servlet streams (WSGI ``write``) is pushed by :meth:`flush_output`;
+        the queue is also sent whenever it passes :data:`_HELD_BYTES`.
+        """
+        content = rec.contentData[: rec.contentLength] if rec.contentLength else b""
+        data = _record_bytes(rec.type, rec.requestId, content)
         with self._write_lock:
-            if not self._muted and not self.closed:
-                rec.write(self._sock)
+            if self._muted or self.closed:
+                return
+            self._held += data
+            if (
+                rec.type == fcgi_base.FCGI_END_REQUEST
+                or rec.requestId == fcgi_base.FCGI_NULL_REQUEST_ID
+                or len(self._held) >= _HELD_BYTES
+            ):
+                self._send_held()
+
+    def flush_output(self) -> None:
+        """Send what is queued now (a servlet streams its response)."""
+        with self._write_lock:
+            if not self._muted and not self.closed and self._held:
+                self._send_held()
+
+    def _send_held(self) -> None:
+        data, self._held = self._held, b""
+        self._sock.sendall(data)
 
     def answer(self, request: Any, status: str, text: str, extra: str = "") -> None:
         """Answer *request* with a small error response and end it (I/O thread)."""
@@ -399,11 +459,13 @@ class _Connection(fcgi_base.Connection):
         """Run the ready request (pool thread); True if the connection stays open."""
         request, self.ready = self.ready, None
         self.running = (request, time.monotonic())
+        _serving.connection = self
         try:
             request.run()  # flup: WSGI app, response records, END_REQUEST
         except OSError:
             self._broken = True
         finally:
+            _serving.connection = None
             self.running = None
         if self._broken or self._muted:
             self.close(drain=False)
@@ -470,6 +532,7 @@ class FastCGIServer:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._active = 0
         self._active_lock = threading.Lock()
+        self._wake_pending = False
         self._accepting = False
         self._next_refusal_log = 0.0
         self._next_deadline_check = 0.0
@@ -687,7 +750,9 @@ class FastCGIServer:
                 with self._active_lock:
                     self._active -= 1
                 self._returned.put(connection)
-                self.wake()
+                if not self._wake_pending:  # one wake-up takes back every returned one
+                    self._wake_pending = True
+                    self.wake()
 
     def _drain_wake_pipe(self) -> None:
         try:
@@ -695,6 +760,9 @@ class FastCGIServer:
                 pass
         except BlockingIOError:
             pass
+        # After draining (a byte written meanwhile is gone): a connection returned
+        # before this line is taken back by this loop pass, any later one wakes us.
+        self._wake_pending = False
 
     def _take_back_returned(self) -> None:
         while True:
