@@ -503,8 +503,10 @@ def _check_store(path: str, app: AppConfig) -> None:
         )
     try:
         import redis  # noqa: F401
-    except ImportError:
-        raise ConfigError(
-            f"{where} session_store = {app.session_store}: the redis package is not "
-            "installed (pip install 'pyserv[redis]')"
-        ) from None
+    except ImportError as exc:
+        reason = (
+            "the redis package is not installed (pip install 'pyserv[redis]')"
+            if exc.name == "redis"
+            else f"cannot import redis: {exc}"
+        )
+        raise ConfigError(f"{where} session_store = {app.session_store}: {reason}") from None

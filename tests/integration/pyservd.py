@@ -9,8 +9,9 @@ reach the socket). The daemon runs in its own process group; it is stopped by pi
 Started as root (as on CI), pyservd refuses to run without ``user``, so the config says
 ``user = www-data`` (:data:`WORKER_USER`): the workers drop to it, and the session
 directory is theirs. Everything they import after that must be readable by www-data, so
-the daemon then runs from ``<work>/pyservd-lib`` (copies of pyserv, container, flup and
-multipart) with a Python that www-data can execute (see :func:`daemon_runtime`).
+the daemon then runs from ``<work>/pyservd-lib`` (copies of pyserv, container, flup,
+multipart and, when installed, redis) with a Python that www-data can execute (see
+:func:`daemon_runtime`).
 
 The test servlets are :data:`APP_MODULES`, written into ``<work>/apps``.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import http.client
+import importlib.util
 import os
 import re
 import shutil
@@ -238,6 +240,12 @@ def daemon_runtime(work_dir: Path) -> tuple[str, str]:
         for package in (REPO_ROOT / "pyserv", REPO_ROOT / "container", Path(flup.__file__).parent):
             shutil.copytree(package, lib / package.name, ignore=ignore)
         shutil.copy(multipart.__file__, lib / "multipart.py")
+        # The Redis store's client, when installed; redis-py needs async_timeout on the
+        # Pythons before 3.11.3 that world_readable_python() may pick.
+        for name in ("redis", "async_timeout"):
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.origin is not None:
+                shutil.copytree(Path(spec.origin).parent, lib / name, ignore=ignore)
         for path in (lib, *lib.rglob("*")):
             path.chmod(0o755 if path.is_dir() else 0o644)
     return world_readable_python(), str(lib)
