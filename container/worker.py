@@ -181,9 +181,16 @@ class Worker:
                 tracker, self.listener, server_config.threads, self.channel, limits
             )
         sweeper = _Sweeper(router, self.status)
+        master = os.getppid()
 
         def tick() -> None:
             self.status.publish(READY, tracker.busy, tracker.oldest(), tracker.requests)
+            if os.getppid() != master and not self._stop.is_set():
+                # The master was killed (kill -9, OOM): nobody supervises us or would
+                # replace us, and a new pyservd could not bind the socket we still
+                # serve. Finish what is running and go, as gunicorn's workers do.
+                log.warning("worker %d: the master (%d) is gone: stopping", os.getpid(), master)
+                self._stop.set()
             if server_config.max_requests and tracker.requests >= server_config.max_requests:
                 log.info("worker %d: served %d requests, recycling", os.getpid(), tracker.requests)
                 self._stop.set()

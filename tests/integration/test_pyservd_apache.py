@@ -221,3 +221,17 @@ def test_session_survives_kill_9_of_master_and_workers(daemons: Daemons, apache_
 
     assert count(get(apache.base_url, "/testapp/Count", sid)) == 2
     assert restarted.pid != daemon.pid
+
+
+def test_workers_stop_when_their_master_is_killed(daemons: Daemons, apache_factory) -> None:
+    daemon, apache = start_site(daemons, apache_factory)
+    sid = session_id(get(apache.base_url, "/testapp/Count"))
+    workers = daemon.workers()
+
+    os.kill(daemon.pid, signal.SIGKILL)  # the master alone: an OOM kill, a kill -9
+    daemon.wait(5)
+    wait_until(lambda: not any(alive(p) for p in workers), 5, "the orphaned workers to stop")
+    restarted: Pyservd = daemons.start(daemon.config)  # the socket is free to take over
+
+    assert count(get(apache.base_url, "/testapp/Count", sid)) == 1
+    assert not set(restarted.workers()) & set(workers)
