@@ -744,3 +744,39 @@ def test_sweep_skips_a_session_locked_by_a_request(store, age_session, store_con
     assert any(busy.sid in name for name in remaining)
     assert store.sweep(time.time()) == 1  # unlocked now: the idle busy one goes too
     assert store.lock(busy.sid, 1.0) is None
+
+
+def test_sweep_removes_a_never_locked_session_without_making_a_lock_file(
+    store, age_session, session_dir
+):
+    idle = store.save(make_record({"v": "idle"}, timeout=60), time.time())  # never loaded
+    age_session(idle.sid, 120)
+    assert store.sweep(time.time()) == 1
+    assert list((session_dir / idle.sid[:2]).iterdir()) == []
+
+
+def test_sweep_puts_back_a_session_a_request_locked_while_it_was_moved(
+    store, age_session, session_dir, monkeypatch
+):
+    idle = store.save(make_record({"v": "idle"}, timeout=60), time.time())
+    age_session(idle.sid, 120)
+    lock_path = session_dir / idle.sid[:2] / f"{idle.sid}.lock"
+    real_rename = os.rename
+    held: list[int] = []
+
+    def rename_then_a_request_locks(source, target):
+        real_rename(source, target)
+        if not held:  # a request takes the lock right after the sweeper moved the file
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held.append(fd)
+
+    monkeypatch.setattr(os, "rename", rename_then_a_request_locks)
+    try:
+        assert store.sweep(time.time()) == 0  # put back, then skipped: it is in use
+    finally:
+        for fd in held:
+            os.close(fd)
+    monkeypatch.undo()
+    assert data_path(session_dir, idle.sid).exists()
+    assert store.sweep(time.time()) == 1  # idle and unlocked now

@@ -485,15 +485,37 @@ class FileStore(SessionStore):
 
     @staticmethod
     def _expired_on_disk(path: str, now: float) -> bool:
-        with open(path, "rb") as stream:
-            mtime = os.fstat(stream.fileno()).st_mtime
-            try:
-                header = read_header(stream.read(HEADER_SIZE))
-            except BadEnvelope:
-                return False  # left for `verify`, which quarantines
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mtime = os.fstat(fd).st_mtime
+            head = os.read(fd, HEADER_SIZE)
+        finally:
+            os.close(fd)
+        try:
+            header = read_header(head)
+        except BadEnvelope:
+            return False  # left for `verify`, which quarantines
         return now - mtime > header.idle_timeout
 
     def _remove_if_expired(self, sid: str, path: str, now: float) -> int:
+        """Remove the expired session *sid* unless a request holds it (then it is in
+        use, so not idle).
+
+        A session that was never locked has no lock file, and creating one only to
+        delete it would double the cost of a sweep: such a session is moved out of
+        sight first (a request arriving now finds no session, and a request holding it
+        would have made the lock file); only if a lock file appeared meanwhile is it put
+        back, for the locked way.
+        """
+        subdir = os.path.dirname(path)
+        lock_path = os.path.join(subdir, sid + LOCK_SUFFIX)
+        if not os.path.exists(lock_path):
+            doomed = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            os.rename(path, doomed)
+            if not os.path.exists(lock_path):
+                os.unlink(doomed)
+                return 1
+            os.rename(doomed, path)
         try:
             held = self._lock(sid, 0)
         except LockTimeout:
