@@ -2,8 +2,9 @@
 ``python -m bench --profile ROW [--connections N]``: profile one row instead.
 
 Needs root (Apache drops to www-data; sockets are handed to its group), Apache with
-mod_proxy_fcgi, mod_cgid and mod_fcgid, and wrk; ``scripts/bench`` installs what is
-missing. Exit status: 0 when every row ran (missed targets included), 1 otherwise.
+mod_proxy_fcgi, mod_proxy_balancer, mod_cgid and mod_fcgid, wrk and redis-server;
+``scripts/bench`` installs what is missing. Exit status: 0 when every row ran (missed
+targets included), 1 otherwise.
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from importlib import metadata
 
 import pyserv
 
-from .harness import REPO, apache_version, world_readable_python
+from .harness import REPO, apache_version, redis_server_binary, world_readable_python
 from .wrk import WRK
 
 
@@ -50,6 +51,18 @@ def _os_release() -> str:
     return platform.platform()
 
 
+def _redis() -> str:
+    """redis-server's version (``redis-server --version``) and redis-py's."""
+    binary = redis_server_binary()
+    line = _first_line([binary, "--version"]) if binary else "not installed"
+    match = re.search(r"\bv=(\S+)", line)
+    try:
+        client = f"redis-py {metadata.version('redis')}"
+    except metadata.PackageNotFoundError:
+        client = "redis-py not installed"
+    return f"{match.group(1) if match else line} (redis-server), {client}"
+
+
 def _commit() -> str:
     commit = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     status = subprocess.run(
@@ -73,5 +86,6 @@ def describe(daemon_python: str) -> list[tuple[str, str]]:
         ("Apache", "{}.{}.{}, event MPM".format(*apache_version())),
         ("flup", metadata.version("flup")),
         ("wrk", _first_line([WRK, "-v"]).split(" [")[0]),
+        ("Redis", _redis()),
         ("PyServ", f"{pyserv.__version__}, commit {_commit()}"),
     ]

@@ -13,7 +13,8 @@ whose only slow step is a blocking call. Time in system calls that release the G
 (``open``, ``rename``) stays in the CPU share, under the function that made the call.
 
 CGI scripts live too briefly to attach to: profile their start-up with
-``python -X importtime`` instead.
+``python -X importtime`` instead. For the Redis row, redis-server's CPU is in the per-request
+figures, but py-spy samples only the Python processes.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ WAIT_SITES = frozenset(
         ("Condition.wait", "threading.py"),
         ("Event.wait", "threading.py"),
         ("Thread._wait_for_tstate_lock", "threading.py"),
-        ("_KeyedLocks.acquire", "pyserv/stores/file.py"),  # the session, in this process
+        ("KeyedLocks.acquire", "pyserv/stores/keyed.py"),  # the session, in this process
         ("_flock_until", "pyserv/stores/file.py"),  # the session, in another process
+        ("RedisStore._take", "pyserv/stores/redis.py"),  # its sleep: another process holds it
         ("ThreadPool._worker", "flup/server/threadpool.py"),  # flup: no job yet
         ("InputStream._waitForData", "flup/server/fcgi_base.py"),  # flup: next record
         ("Connection._recvall", "flup/server/fcgi_base.py"),

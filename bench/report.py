@@ -24,6 +24,7 @@ RATIOS = (
     ("PyServ counter: workers = 1 ÷ workers = 2", "workers-1", "counter"),
     ("PyServ counter: no enablereuse ÷ enablereuse=on", "no-reuse", "counter"),
     ("PyServ counter: mod_fcgid ÷ mod_proxy_fcgi", "fcgid", "counter"),
+    ("PyServ counter: Redis, two daemons ÷ file store", "redis", "counter"),
     ("bare flup ÷ Apache static file", "flup", "static"),
 )
 
@@ -235,6 +236,15 @@ def _method(results: Results) -> list[str]:
                 "is the integration tests' servlet ``probe.Count`` (read the session, +1, "
                 "write); PyServ CGI runs examples/testapp.cgi (``TestServlet``). pyservd, "
                 "flup and the CGI scripts run on the Python given under Machine.",
+                "The Redis row: two pyservd with those settings, each on its own TCP port, "
+                "share one ``secret_file`` and keep sessions in one private redis-server "
+                "(127.0.0.1, no persistence; version under Machine), behind the shipped "
+                "conf/apache-balancer.conf (byrequests) mounted at /redis/. The daemons have "
+                "``session_route`` a and b, but wrk's cookie is the bare session id, "
+                "without a route, so the balancer sends the requests to the daemons in turn "
+                "(each response re-issues the cookie with its daemon's route; wrk ignores "
+                "it); the row fails unless both daemons answer. Its *app* CPU includes "
+                "redis-server's.",
                 "The bare flup peer keeps 32 spare threads (bench/peers/flup_hello.py): with "
                 "flup's defaults, a burst of new proxy connections can leave one queued "
                 "behind threads held by reused connections, and its requests hang.",

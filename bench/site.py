@@ -7,6 +7,8 @@ tests' helpers (see :mod:`bench.harness`):
   conf/apache-proxy-fcgi.conf (``enablereuse=on``); ``/w1/``, ``/noreuse/``, ``/scale/``
   and ``/cache/`` are variants, each its own daemon, mount and ``ProxyPass`` line;
 - ``/flup/``     the bare flup hello world on a Unix socket, proxied like ``/testapp/``;
+- ``/redis/``    two pyservd on TCP ports, their sessions in one private redis-server,
+  behind the shipped conf/apache-balancer.conf (its /testapp/ moved to /redis/);
 - ``/fcgid``     pyservd started by mod_fcgid with the shipped conf/apache-fcgid.conf
   (its mount moved from /testapp, which the proxy already serves);
 - ``/cgi-bin/``  examples/testapp.cgi (PyServ's CGI mode), a hello-world CGI script and
@@ -24,6 +26,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -34,32 +37,43 @@ from typing import Callable
 
 from .harness import (
     APACHE_USER,
+    BALANCER_MODULES,
     REPO,
     WORKER_USER,
     ApacheServer,
     Daemons,
     Pyservd,
+    RedisServer,
     daemon_pids,
     daemon_runtime,
     deploy_examples,
     deploy_fcgid,
+    free_port,
+    http_get,
     install_cgi_script,
     make_work_dir,
     proxy_fcgi_apache_config,
     script_alias_config,
     wait_until,
     write_config,
+    write_secret,
 )
 
 PEERS = Path(__file__).resolve().parent / "peers"
 SHIPPED_DAEMON_CONFIG = REPO / "conf" / "pyservd.conf"
 SHIPPED_FCGID_CONFIG = REPO / "conf" / "apache-fcgid.conf"
+SHIPPED_BALANCER_CONFIG = REPO / "conf" / "apache-balancer.conf"
 # conf/pyservd.conf keys that describe one deployment's paths, not how pyservd performs.
 _DEPLOYMENT_KEYS = {"listen", "socket_mode", "socket_group", "error_log", "pidfile"}
 _APP_KEYS = {"session_timeout", "session_cookie", "session_cache_size", "session_fsync"}
 STATIC_BODY = b"Hello, world!\n"
 STOP_TIMEOUT = 10.0
 MAIN = "testapp"  # the daemon behind the shipped mod_proxy_fcgi config
+BALANCED = "redis"  # the mount of the two daemons behind the shipped balancer config
+ROUTES = ("a", "b")  # their session_route, as in conf/apache-balancer.conf
+# Ports for the balanced daemons and Redis, below Linux's ephemeral range (32768-60999)
+# so that no client connection of an earlier row holds one when its server binds it.
+_PORTS = range(20000, 32768)
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,14 @@ def shipped_settings() -> tuple[dict[str, str], dict[str, str]]:
     return server, app
 
 
+def _free_ports(count: int) -> list[int]:
+    """*count* distinct ports free on 127.0.0.1 now, from :data:`_PORTS` if possible."""
+    ports: list[int] = []
+    for _ in range(count):
+        ports.append(free_port(port for port in _PORTS if port not in ports))
+    return ports
+
+
 def _set_option(path: Path, section: str, key: str, value: str) -> None:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(path)
@@ -123,6 +145,7 @@ class Site(contextlib.AbstractContextManager):
         self._daemons = Daemons()
         self._configs: dict[str, Path] = {}
         self._workers: dict[str, int] = {}
+        self._redis: RedisServer | None = None  # started by serve("balancer")
 
     @property
     def base_url(self) -> str:
@@ -169,18 +192,20 @@ class Site(contextlib.AbstractContextManager):
             else:
                 proxy_lines.append(self._proxy_pass(variant.name, socket, variant.reuse))
         proxy_lines.append(self._proxy_pass("flup", self.flup_socket, reuse=True))
+        balancer_lines = self._deploy_balancer(server, app)
         extra_config = "\n".join(
             [
                 "# One connection serves any number of requests (default: 100, then a close).",
                 "MaxKeepAliveRequests 0",
                 *proxy_lines,
+                *balancer_lines,
                 script_alias_config("/cgi-bin/", self.cgi_bin),
                 f'Define PYSERV_FCGI_WRAPPER "{self.work_dir}/fcgid/pyservd.fcgi"',
                 f'Include "{fcgid_config}"',
             ]
         )
         self.apache = ApacheServer(
-            self.work_dir, ["proxy", "proxy_fcgi", "cgid", "fcgid"], extra_config=extra_config
+            self.work_dir, [*BALANCER_MODULES, "cgid", "fcgid"], extra_config=extra_config
         )
         self._cleanup.callback(self._stop_fcgid_daemons)  # runs after Apache has stopped
         self._cleanup.callback(self.apache.stop)
@@ -211,6 +236,46 @@ class Site(contextlib.AbstractContextManager):
         config.write_text(text)
         config.chmod(0o644)
         return config
+
+    def _deploy_balancer(self, server: dict[str, str], app: dict[str, str]) -> list[str]:
+        """Configs of two daemons (``redis-a``, ``redis-b``) with the shipped settings, each
+        on a TCP port, sharing one key file and one Redis, mounted at /redis; return the
+        Apache lines that include the shipped conf/apache-balancer.conf, remounted there."""
+        shared = self.work_dir / BALANCED
+        shared.mkdir(mode=0o755)
+        redis_port, *ports = _free_ports(1 + len(ROUTES))
+        self._redis = RedisServer(shared / "redis-server", port=redis_port)
+        secret = write_secret(shared / "testapp.key")
+        lines = []
+        for route, port in zip(ROUTES, ports):
+            name = f"{BALANCED}-{route}"
+            settings = {**server, "listen": f"127.0.0.1:{port}", "socket_group": None}
+            self._workers[name] = int(settings.get("workers", "2"))
+            self._configs[name] = write_config(
+                self._daemons.work_dir(),
+                settings,
+                {
+                    **app,
+                    "mount": f"/{BALANCED}",
+                    "session_dir": None,
+                    "session_store": self._redis.url,
+                    "secret_file": str(secret),
+                    "session_route": route,
+                },
+            )
+            lines.append(f'Define PYSERV_BACKEND_{route.upper()} "fcgi://127.0.0.1:{port}"')
+        text = SHIPPED_BALANCER_CONFIG.read_text()
+        for old, new in (
+            ('"/testapp/"', f'"/{BALANCED}/"'),  # ProxyPass and <Location>
+            ("balancer://pyserv/testapp/", f"balancer://pyserv/{BALANCED}/"),
+        ):
+            if old not in text:
+                raise RuntimeError(f"{SHIPPED_BALANCER_CONFIG} has no {old}: see bench/site.py")
+            text = text.replace(old, new)
+        config = shared / "apache-balancer.conf"
+        config.write_text(text)
+        config.chmod(0o644)
+        return [*lines, f'Include "{config}"']
 
     def _stop_fcgid_daemons(self) -> None:
         """Kill, by pid, any mod_fcgid daemon that outlived Apache."""
@@ -243,11 +308,15 @@ class Site(contextlib.AbstractContextManager):
 
     @contextlib.contextmanager
     def serve(self, backend: str) -> Iterator[Serving]:
-        """Run *backend* ("pyservd:NAME", "flup", "fcgid", "cgi", "static") meanwhile."""
+        """Run *backend* ("pyservd:NAME", "balancer", "flup", "fcgid", "cgi", "static")
+        meanwhile."""
         kind, _, name = backend.partition(":")
         if kind == "pyservd":
             with self.pyservd(name) as daemon:
                 yield Serving("roots", lambda: [daemon.pid], self.session_dir(name))
+        elif kind == "balancer":
+            with self._balanced() as pids:
+                yield Serving("roots", lambda: pids)
         elif kind == "flup":
             with self._flup() as pid:
                 yield Serving("roots", lambda: [pid])
@@ -265,11 +334,37 @@ class Site(contextlib.AbstractContextManager):
         """Start the daemon of *variant*, wait until its workers serve; stop it after."""
         daemon = Pyservd(self._configs[variant])
         try:
-            daemon.start()
+            # "ready" follows the bind; a TCP listener has no socket file to wait for.
+            daemon.start(wait="none")
+            daemon.wait_for_log(f"pyservd {daemon.pid} ready")
             daemon.wait_for_workers(self._workers[variant])
             yield daemon
         finally:
             daemon.stop()
+
+    @contextlib.contextmanager
+    def _balanced(self) -> Iterator[list[int]]:
+        """Run redis-server and the two balanced daemons; yield their pids (the
+        application's CPU includes Redis's), once a request without a session cookie has
+        reached each daemon."""
+        assert self._redis is not None
+        with self._redis as redis, self.pyservd(f"{BALANCED}-{ROUTES[0]}") as first:
+            with self.pyservd(f"{BALANCED}-{ROUTES[1]}") as second:
+                self._check_alternation(first, second)
+                yield [first.pid, second.pid, redis.pid]
+
+    def _check_alternation(self, *daemons: Pyservd) -> None:
+        """Raise unless byrequests sends requests without a route to every daemon."""
+        served: set[int] = set()
+        for _ in range(4 * len(daemons)):
+            response = http_get(f"{self.base_url}/{BALANCED}/Pid")
+            match = re.search(rb"^pid=(\d+)$", response.body, re.MULTILINE)
+            if response.status != 200 or match is None:
+                raise RuntimeError(f"/{BALANCED}/Pid answered {response.status}: {response.body!r}")
+            pid = int(match.group(1))
+            served |= {index for index, daemon in enumerate(daemons) if pid in daemon.workers()}
+        if len(served) < len(daemons):
+            raise RuntimeError(f"the balancer sent every request to daemon {served}")
 
     @contextlib.contextmanager
     def _flup(self) -> Iterator[int]:
