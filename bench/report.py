@@ -259,11 +259,12 @@ def _method(results: Results) -> list[str]:
                 "request, the sessions stored) against the responses wrk counted; up to one "
                 "more per connection is a request still in flight when wrk stopped. Fewer "
                 "is a lost update, flagged **LOST**.",
-                "*save µs* (and *save a session file* under Machine) is the file store's "
-                "write pattern (new temp file, write, ``os.replace``) timed alone, in the "
-                "row's session directory just before its load: every session save pays it "
-                "in the kernel, and on this VM's shared disk it varies widely with the "
-                "directory and the moment, so rows with session writes move with it.",
+                "*save µs* (and *save a session file* under Machine) is the cost of "
+                "writing a new file into place (new temp file, write, ``os.replace``) timed "
+                "alone, in the row's session directory just before its load: every new "
+                "session pays it in the kernel (an update overwrites the session's spare "
+                "file and swaps it in, which costs no new file), and on this VM's shared "
+                "disk it varies widely with the directory and the moment.",
                 "To see where an application's time goes under a row's load, run "
                 "``scripts/bench --profile ROW [--connections N]`` (py-spy; ROW is a key of "
                 "bench/rows.py, e.g. ``counter``).",

@@ -139,10 +139,10 @@ def remove(session_dir: Path) -> float:
 
 
 def replace_cost(directory: Path, count: int = 500) -> float:
-    """Microseconds to save a session's bytes the way the file store does (new temp file,
-    write, close, ``os.replace`` over the old one), measured in *directory*.
+    """Microseconds to write a file into place the way the file store stores a new
+    session (new temp file, write, close, ``os.replace``), measured in *directory*.
 
-    Every session save pays this in the kernel; on a shared VM disk it varies by orders of
+    Every new session pays this in the kernel; on a shared VM disk it varies by orders of
     magnitude with the file system and even with the directory, so the report shows it.
     """
     scratch = Path(tempfile.mkdtemp(prefix="bench-replace-", dir=directory))
