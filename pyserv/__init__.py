@@ -8,7 +8,6 @@ use, so a CGI process that only needs ``cgimain`` does not pay for the rest.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -35,7 +34,10 @@ __all__ = [
     "cgimain",
 ]
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .application import Application, AppSettings
     from .cgi import cgimain
     from .errors import HTTPError

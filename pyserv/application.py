@@ -14,18 +14,14 @@ the ``pyserv.error`` log with that id.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import secrets
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Any, Callable
 
 from .dispatch import Dispatcher
-from .errors import HTTPError, error_response
-from .request import Request, RequestLimits, check_limits
+from .errors import HTTPError, LazyLogger, error_response
+from .request import Frozen, Request, RequestLimits, check_limits
 from .response import Response
 from .secret import SecretError, load_or_create_secret
 from .servlet import ServletContext
@@ -39,29 +35,70 @@ from .stores.base import (
 )
 from .stores.file import FileStore
 
-log = logging.getLogger("pyserv.error")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
-StartResponse = Callable[..., Callable[[bytes], object]]
+    StartResponse = Callable[..., Callable[[bytes], object]]
+
+log = LazyLogger("pyserv.error")
+
+_DEFAULT_LIMITS = RequestLimits()
 
 
-@dataclass(frozen=True)
-class AppSettings:
-    """One application's settings, validated by whoever builds them (config or cgimain)."""
+class AppSettings(Frozen):
+    """One application's settings, validated by whoever builds them (config or cgimain).
 
-    name: str
-    module: str
-    session_dir: str | None  # None: the store is not a directory (then set secret_file)
-    mount: str | None = None  # None: trust SCRIPT_NAME (CGI); else split the path here
-    session_timeout: int = 3600
-    session_cookie: str = "PYSERVSID"
-    secret_file: str | None = None  # None: <session_dir>/.secret
-    session_fsync: bool = False
-    session_lock_timeout: float = 10.0
-    max_session_bytes: int = 1024 * 1024  # pickled; a bigger session is not stored: 500
-    max_sessions: int = 0  # stored sessions; beyond, a request creating one gets 503
-    new_session_timeout: int = 300  # idle timeout until the session's cookie comes back
-    session_route: str | None = None  # cookie value <id>.<route> for sticky balancers
-    limits: RequestLimits = field(default_factory=RequestLimits)
+    Immutable (a :class:`~pyserv.request.Frozen`, not a dataclass: CGI start-up)."""
+
+    __slots__ = (
+        "name",
+        "module",
+        "session_dir",
+        "mount",
+        "session_timeout",
+        "session_cookie",
+        "secret_file",
+        "session_fsync",
+        "session_lock_timeout",
+        "max_session_bytes",
+        "max_sessions",
+        "new_session_timeout",
+        "session_route",
+        "limits",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        session_dir: str | None,  # None: the store is not a directory (then set secret_file)
+        mount: str | None = None,  # None: trust SCRIPT_NAME (CGI); else split the path here
+        session_timeout: int = 3600,
+        session_cookie: str = "PYSERVSID",
+        secret_file: str | None = None,  # None: <session_dir>/.secret
+        session_fsync: bool = False,
+        session_lock_timeout: float = 10.0,
+        max_session_bytes: int = 1024 * 1024,  # pickled; a bigger session is not stored: 500
+        max_sessions: int = 0,  # stored sessions; beyond, a request creating one gets 503
+        new_session_timeout: int = 300,  # idle timeout until the session's cookie comes back
+        session_route: str | None = None,  # cookie value <id>.<route> for sticky balancers
+        limits: RequestLimits = _DEFAULT_LIMITS,
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.session_dir = session_dir
+        self.mount = mount
+        self.session_timeout = session_timeout
+        self.session_cookie = session_cookie
+        self.secret_file = secret_file
+        self.session_fsync = session_fsync
+        self.session_lock_timeout = session_lock_timeout
+        self.max_session_bytes = max_session_bytes
+        self.max_sessions = max_sessions
+        self.new_session_timeout = new_session_timeout
+        self.session_route = session_route
+        self.limits = limits
 
     @property
     def secret_path(self) -> str:
@@ -71,14 +108,27 @@ class AppSettings:
 
 
 def new_request_id() -> str:
-    return secrets.token_hex(8)
+    """64 random bits in hex: unique enough to find one request in the logs."""
+    return os.urandom(8).hex()
+
+
+def file_store(settings: AppSettings, *, spares: bool = True) -> FileStore:
+    """The default store: a :class:`FileStore` on ``settings.session_dir`` whose secret is
+    read (or created) on first session use. *spares*: see FileStore (off for a process
+    that serves one request)."""
+    if settings.session_dir is None:
+        raise ValueError(f"app {settings.name!r}: no session_dir and no store given")
+    envelope = Envelope(
+        lambda: load_or_create_secret(settings.secret_path),
+        max_bytes=settings.max_session_bytes,
+    )
+    return FileStore(settings.session_dir, envelope, fsync=settings.session_fsync, spares=spares)
 
 
 class Application:
     """The WSGI callable for one servlet module. Thread-safe.
 
-    *store* defaults to a :class:`FileStore` on ``settings.session_dir`` whose secret is
-    read (or created) on first session use.
+    *store* defaults to :func:`file_store`.
     """
 
     def __init__(
@@ -94,18 +144,12 @@ class Application:
             app_name=settings.name,
             mount=settings.mount or "",
             module=settings.module,
-            settings=asdict(settings),
-            log=logging.getLogger(f"pyserv.app.{settings.name}"),
+            settings=settings.as_dict(),
+            log=LazyLogger(f"pyserv.app.{settings.name}"),
         )
         self.dispatcher = Dispatcher(self.module, self.context)
         if store is None:
-            envelope = Envelope(
-                lambda: load_or_create_secret(settings.secret_path),
-                max_bytes=settings.max_session_bytes,
-            )
-            if settings.session_dir is None:
-                raise ValueError(f"app {settings.name!r}: no session_dir and no store given")
-            store = FileStore(settings.session_dir, envelope, fsync=settings.session_fsync)
+            store = file_store(settings)
         self.store = store
         self.sessions = SessionInterface(
             store,

@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 import threading
 from types import ModuleType
-from typing import Any
 
 from .servlet import ServletContext
 from .session import SessionAttribute
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _SESSION_ATTRIBUTE = SessionAttribute()

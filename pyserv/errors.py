@@ -1,4 +1,4 @@
-"""HTTPError and the error pages.
+"""HTTPError, the error pages and the error log.
 
 A servlet raises ``HTTPError(404)`` (or any status) to answer with an error; the
 application reads the status off the exception. Error pages never show a traceback: a
@@ -7,16 +7,73 @@ application reads the status off the exception. Error pages never show a traceba
 
 from __future__ import annotations
 
-import html
+import sys
 from collections.abc import Iterable
-from http import HTTPStatus
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
 if TYPE_CHECKING:
+    import logging
+    from typing import Any
+
     from .response import Response
+
+LOG_FORMAT = "pyserv: %(levelname)s %(message)s"  # when nothing else is configured
+
+
+class LazyLogger:
+    """``logging.getLogger(name)``, imported on first use: pyserv logs only when something
+    goes wrong, and a CGI request that logs nothing does not load logging (~5 ms).
+
+    If nothing handles pyserv's records by then (no handler on the ``pyserv`` logger nor
+    on the root logger: a CGI script), they go to stderr as ``pyserv: LEVEL message``,
+    which Apache writes to its error log. Configured logging (pyservd's) is left alone.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self.logger, attribute)
+
+    @property
+    def logger(self) -> logging.Logger:
+        import logging
+
+        top = logging.getLogger("pyserv")
+        if not top.hasHandlers():
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            top.addHandler(handler)
+        return logging.getLogger(self.name)
+
+    def __repr__(self) -> str:
+        return f"<LazyLogger {self.name}>"
+
+
+# The usual statuses, as http.HTTPStatus words them in every Python version: a CGI
+# process answering with one of them does not pay for importing http (its enums).
+_COMMON_PHRASES = {
+    200: "OK",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def reason_phrase(status: int) -> str:
+    phrase = _COMMON_PHRASES.get(status)
+    if phrase is not None:
+        return phrase
+    from http import HTTPStatus
+
     try:
         return HTTPStatus(status).phrase
     except ValueError:
@@ -63,6 +120,8 @@ def error_response(
     headers: Iterable[tuple[str, str]] = (),
 ) -> Response:
     """A small HTML error page; *message* is escaped, the request id is shown if given."""
+    from html import escape  # only error pages need it: a CGI request without one never does
+
     from .response import Response
 
     phrase = reason_phrase(status)
@@ -71,9 +130,9 @@ def error_response(
         f"<body><h1>{phrase}</h1>\n",
     ]
     if message:
-        parts.append(f"<p>{html.escape(message)}</p>\n")
+        parts.append(f"<p>{escape(message)}</p>\n")
     if request_id:
-        parts.append(f"<p>Request id: <code>{html.escape(request_id)}</code></p>\n")
+        parts.append(f"<p>Request id: <code>{escape(request_id)}</code></p>\n")
     parts.append("</body></html>\n")
     response = Response()
     response.status = status

@@ -13,27 +13,74 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import IO, Any
-from urllib.parse import parse_qsl
 
 from .errors import BadRequestKeyError, HTTPError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
 _CHUNK = 64 * 1024
 
 
-@dataclass(frozen=True)
-class RequestLimits:
+class Frozen:
+    """Write-once attributes in ``__slots__``, compared and shown by value: a frozen
+    dataclass without its price, which a CGI process pays on every request (importing
+    dataclasses, then generating each class's methods). ``__init__`` sets every slot."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name not in self.__slots__ or hasattr(self, name):
+            raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The attributes as a dict, nested ones too (as ``dataclasses.asdict``)."""
+        return {
+            name: value.as_dict() if isinstance(value, Frozen) else value
+            for name, value in zip(self.__slots__, self._values())
+        }
+
+
+class RequestLimits(Frozen):
     """Request limits (pyservd's ``[pyservd]`` keys of the same names); each maps to one
     status when exceeded. Parameters are the query string's fields plus the body's
     (urlencoded fields or multipart parts): one budget for both, so splitting them
-    between URL and body gains nothing."""
+    between URL and body gains nothing. Immutable."""
 
-    max_body: int = 10 * 1024 * 1024  # bytes of body -> 413
-    max_params: int = 1000  # query fields + form fields/parts -> 400
-    max_param_bytes: int = 1024 * 1024  # query string (-> 400) + form data in memory (-> 413)
-    max_header_bytes: int = 64 * 1024  # HTTP_* names + values in the environ -> 431
+    __slots__ = ("max_body", "max_params", "max_param_bytes", "max_header_bytes")
+
+    def __init__(
+        self,
+        max_body: int = 10 * 1024 * 1024,  # bytes of body -> 413
+        max_params: int = 1000,  # query fields + form fields/parts -> 400
+        max_param_bytes: int = 1024 * 1024,  # query string (-> 400) + form data in memory (-> 413)
+        max_header_bytes: int = 64 * 1024,  # HTTP_* names + values in the environ -> 431
+    ) -> None:
+        self.max_body = max_body
+        self.max_params = max_params
+        self.max_param_bytes = max_param_bytes
+        self.max_header_bytes = max_header_bytes
 
 
 def _field_count(query_string: str) -> int:
@@ -66,7 +113,7 @@ def check_limits(environ: Mapping[str, Any], limits: RequestLimits) -> None:
         raise HTTPError(413, f"request body over {limits.max_body} bytes")
 
 
-class MultiDict(Mapping[str, Any]):
+class MultiDict(Mapping[str, "Any"]):
     """A multi-valued mapping: ``[]`` and ``get`` give the first value, ``getall`` all.
 
     An uncaught missing key under ``[]`` is a 400 (:class:`BadRequestKeyError`).
@@ -311,6 +358,8 @@ class Request:
     def _parse_urlencoded(self, text: str, max_fields: int) -> list[tuple[str, str]]:
         if not text:
             return []
+        from urllib.parse import parse_qsl  # ~2 ms for a CGI process: only with parameters
+
         try:
             return parse_qsl(
                 text,

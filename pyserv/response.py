@@ -11,9 +11,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from typing import Callable, Union
 
 from .errors import reason_phrase
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Callable, Union
+
+    Body = Union[str, bytes, bytearray, memoryview]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\0]")
@@ -23,7 +28,6 @@ _COOKIE_ATTRIBUTE = re.compile(r"[\x20-\x3a\x3c-\x7e]*\Z")
 MAX_COOKIE_BYTES = 4096
 
 DEFAULT_CONTENT_TYPE = "text/plain; charset=utf-8"
-Body = Union[str, bytes, bytearray, memoryview]
 
 
 def check_header(name: str, value: str) -> None:

@@ -7,7 +7,6 @@ place), so many CGI processes starting at once agree on one key.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 
 MIN_KEY_BYTES = 32
@@ -22,6 +21,8 @@ def load_or_create_secret(path: str) -> bytes:
         return _read(path)
     except FileNotFoundError:
         pass
+    import secrets  # once per deployment: a CGI process that only reads the key skips it
+
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)

@@ -8,27 +8,42 @@ methods the class defines, with an ``Allow`` header.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from .errors import HTTPError
 from .request import Request
 from .response import Response
 from .session import SessionAttribute
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    import logging
+    from typing import Any, ClassVar
 
-@dataclass
+    from .errors import LazyLogger
+
+
 class ServletContext:
     """What ``init(context)`` receives: the app's identity, settings and a shared dict."""
 
-    app_name: str
-    mount: str
-    module: str
-    settings: Mapping[str, Any]
-    log: logging.Logger
-    attributes: dict[str, Any] = field(default_factory=dict)
+    def __init__(
+        self,
+        app_name: str,
+        mount: str,
+        module: str,
+        settings: Mapping[str, Any],
+        log: LazyLogger | logging.Logger,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        self.app_name = app_name
+        self.mount = mount
+        self.module = module
+        self.settings = settings
+        self.log = log
+        self.attributes: dict[str, Any] = {} if attributes is None else attributes
+
+    def __repr__(self) -> str:
+        return f"<ServletContext {self.app_name!r} module={self.module!r} mount={self.mount!r}>"
 
 
 class Servlet:

@@ -22,13 +22,11 @@ working.
 from __future__ import annotations
 
 import contextvars
-import logging
 import threading
 import time
 from collections.abc import Iterator, MutableMapping
-from typing import Any
 
-from .errors import HTTPError
+from .errors import HTTPError, LazyLogger
 from .request import Request
 from .response import Response
 from .stores.base import (
@@ -42,18 +40,22 @@ from .stores.base import (
     valid_session_id,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Any
+
 MAX_TIMEOUT = 10 * 365 * 24 * 3600  # ten years; the envelope stores 32 bits
 
 COUNT_TTL = 5.0  # seconds a count of the stored sessions is used for (max_sessions)
 
-log = logging.getLogger("pyserv.error")
+log = LazyLogger("pyserv.error")
 
 
 class TooManySessions(Exception):
     """Creating a session now would exceed ``max_sessions``: answer 503."""
 
 
-class Session(MutableMapping[str, Any]):
+class Session(MutableMapping[str, "Any"]):
     """A dict of picklable values plus a few facts about the session.
 
     Tracked: setting, deleting or clearing keys sets ``modified``. Not tracked: changes

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -113,7 +112,7 @@ def test_saving_a_stale_generation_raises_conflict_and_keeps_stored_data(store):
         second = store.save(current, time.time())
         assert second.generation == 2
 
-        stale = replace(first, data={"v": "stale"})
+        stale = first.replace(data={"v": "stale"})
         with pytest.raises(SessionConflict):
             store.save(stale, time.time())
 
@@ -252,7 +251,7 @@ def test_load_with_known_record_returns_fresh_record_after_another_write(store):
         UnpickleCounter.unpickled = 0
         cached = store.load(stored.sid)
         assert cached is not None
-        other_writer = replace(cached, data={"probe": UnpickleCounter(), "other": True})
+        other_writer = cached.replace(data={"probe": UnpickleCounter(), "other": True})
         newer = store.save(other_writer, time.time())
 
         fresh = store.load(stored.sid, known=cached)

@@ -15,7 +15,6 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -619,7 +618,7 @@ def test_session_written_before_new_timeout_existed_still_loads_and_sweeps(store
 
 def test_provisional_session_is_swept_after_its_new_timeout(store, session_dir):
     now = time.time()
-    provisional = store.save(replace(make_record({"v": 1}), new_timeout=60), now)
+    provisional = store.save(make_record({"v": 1}).replace(new_timeout=60), now)
     confirmed = store.save(make_record({"v": 2}), now)
     for sid in (provisional.sid, confirmed.sid):
         os.utime(data_path(session_dir, sid), (now - 61, now - 61))

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +180,7 @@ def test_malformed_id_is_refused_before_reaching_redis(store, store_contents, si
         with pytest.raises(ValueError):
             call()
     with pytest.raises(ValueError):
-        store.save(replace(make_record({"v": 2}), sid=sid), time.time())
+        store.save(make_record({"v": 2}).replace(sid=sid), time.time())
 
     assert store_contents() == before
 
@@ -551,7 +550,7 @@ def test_ttl_is_the_idle_timeout_and_every_load_refreshes_it(store, raw, age_ses
 
 
 def test_provisional_session_has_the_shorter_ttl_until_confirmed(store, raw):
-    record = replace(make_record({"v": 1}, timeout=100), new_timeout=30)
+    record = make_record({"v": 1}, timeout=100).replace(new_timeout=30)
     stored = store.save(record, time.time())
     assert 25_000 < pttl(raw, store, stored.sid) <= 30_000
 

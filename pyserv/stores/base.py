@@ -24,11 +24,12 @@ import hashlib
 import hmac
 import pickle
 import re
-import secrets
 import struct
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 MAGIC = b"PSV2"
 # magic, generation, created (Unix time), timeout (s), new_timeout (s, 0 = confirmed)
@@ -45,6 +46,8 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}\Z")
 
 def new_session_id() -> str:
     """256 random bits, URL-safe: the only way a session id comes into being."""
+    import secrets  # only for a new session: a CGI request with a cookie skips the import
+
     return secrets.token_urlsafe(32)
 
 
@@ -78,18 +81,71 @@ class SessionValueError(StoreError):
     the key) or the pickle is over the size limit (the message names both sizes)."""
 
 
-@dataclass
 class SessionRecord:
-    """One session as stored: its data plus the facts the store keeps about it."""
+    """One session as stored: its data plus the facts the store keeps about it.
 
-    sid: str
-    data: dict[str, Any]
-    generation: int = 0  # 0 = never stored; each save stores generation + 1
-    created: float = 0.0
-    last_access: float = 0.0
-    timeout: int = 3600
-    size: int = field(default=0, compare=False)  # bytes of the stored envelope
-    new_timeout: int = 0  # > 0: provisional (cookie not seen again), idle limit until then
+    A plain class, not a dataclass: a CGI process builds a few of these per request, and
+    importing and generating dataclasses costs it more than that (~10 ms).
+    """
+
+    __slots__ = (
+        "sid",
+        "data",
+        "generation",
+        "created",
+        "last_access",
+        "timeout",
+        "size",
+        "new_timeout",
+    )
+
+    def __init__(
+        self,
+        sid: str,
+        data: dict[str, Any],
+        generation: int = 0,  # 0 = never stored; each save stores generation + 1
+        created: float = 0.0,
+        last_access: float = 0.0,
+        timeout: int = 3600,
+        size: int = 0,  # bytes of the stored envelope (not compared)
+        new_timeout: int = 0,  # > 0: provisional (cookie not seen again), idle limit until then
+    ) -> None:
+        self.sid = sid
+        self.data = data
+        self.generation = generation
+        self.created = created
+        self.last_access = last_access
+        self.timeout = timeout
+        self.size = size
+        self.new_timeout = new_timeout
+
+    def _compared(self) -> tuple[Any, ...]:
+        return (
+            self.sid,
+            self.data,
+            self.generation,
+            self.created,
+            self.last_access,
+            self.timeout,
+            self.new_timeout,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SessionRecord):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"SessionRecord({fields})"
+
+    def replace(self, **changes: Any) -> SessionRecord:
+        """A copy with *changes* (as ``dataclasses.replace``)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return SessionRecord(**values)
 
     @property
     def idle_timeout(self) -> int:
@@ -100,22 +156,35 @@ class SessionRecord:
         return now - self.last_access > self.idle_timeout
 
     def successor(self, data: dict[str, Any], now: float) -> SessionRecord:
-        return replace(self, data=data, generation=self.generation + 1, last_access=now)
+        return self.replace(data=data, generation=self.generation + 1, last_access=now)
 
 
 def _idle_timeout(timeout: int, new_timeout: int) -> int:
     return min(timeout, new_timeout) if new_timeout else timeout
 
 
-@dataclass(frozen=True)
 class Header:
     """The unverified header of an envelope: enough to sweep or check a cache, no more."""
 
-    generation: int
-    created: float
-    timeout: int
-    new_timeout: int = 0
-    size: int = HEADER_SIZE  # bytes this header takes in its envelope
+    __slots__ = ("generation", "created", "timeout", "new_timeout", "size")
+
+    def __init__(
+        self,
+        generation: int,
+        created: float,
+        timeout: int,
+        new_timeout: int = 0,
+        size: int = HEADER_SIZE,  # bytes this header takes in its envelope
+    ) -> None:
+        self.generation = generation
+        self.created = created
+        self.timeout = timeout
+        self.new_timeout = new_timeout
+        self.size = size
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Header({fields})"
 
     @property
     def idle_timeout(self) -> int:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
+if TYPE_CHECKING:
+    from typing import Any
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
-import secrets
 import time
 
+from ..errors import LazyLogger
 from .base import (
     HEADER_SIZE,
     BadEnvelope,
@@ -48,7 +47,7 @@ from .base import (
 from .exchange import ExchangeUnsupported, exchange
 from .keyed import KeyedLocks
 
-log = logging.getLogger("pyserv.error")
+log = LazyLogger("pyserv.error")
 
 DATA_SUFFIX = ".session"
 LOCK_SUFFIX = ".lock"
@@ -326,7 +325,7 @@ class FileStore(SessionStore):
         return header.generation, mtime, header.idle_timeout
 
     def _write_atomic(self, subdir: str, data_path: str, blob: bytes) -> None:
-        temp = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        temp = os.path.join(subdir, f".{os.urandom(6).hex()}{TEMP_SUFFIX}")
         try:
             if not os.path.isdir(subdir):
                 os.makedirs(self.directory, mode=0o700, exist_ok=True)  # mode is the leaf's
@@ -510,7 +509,7 @@ class FileStore(SessionStore):
         subdir = os.path.dirname(path)
         lock_path = os.path.join(subdir, sid + LOCK_SUFFIX)
         if not os.path.exists(lock_path):
-            doomed = os.path.join(subdir, f".{secrets.token_hex(6)}{TEMP_SUFFIX}")
+            doomed = os.path.join(subdir, f".{os.urandom(6).hex()}{TEMP_SUFFIX}")
             os.rename(path, doomed)
             if not os.path.exists(lock_path):
                 os.unlink(doomed)

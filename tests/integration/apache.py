@@ -406,8 +406,10 @@ def deploy_cgi_app(work_dir: Path) -> Path:
     ``<work>/lib`` holds copies of the repository's ``pyserv`` package and of its
     ``multipart`` dependency, which CGI scripts in ``<work>/www/cgi-bin`` put on
     sys.path as ``../../lib`` (CGI scripts run in their own directory).
-    The cgi-bin directory belongs to Apache's user, so that pyserv can create its
-    ``sessions`` directory there.
+    The lib copy is byte-compiled by the interpreter the scripts run with, as an install
+    should be: www-data cannot write ``__pycache__`` there, and without it every CGI
+    process would compile PyServ anew. The cgi-bin directory belongs to Apache's user, so
+    that pyserv can create its ``sessions`` directory there.
     """
     import multipart  # pyserv's dependency; imported here so that a missing one is clear.
 
@@ -418,6 +420,11 @@ def deploy_cgi_app(work_dir: Path) -> Path:
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
     shutil.copy(multipart.__file__, lib / "multipart.py")
+    subprocess.run(
+        [world_readable_python(), "-m", "compileall", "-q", str(lib)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     cgi_bin = work_dir / "www" / "cgi-bin"
     cgi_bin.mkdir(parents=True)
     for path in (work_dir / "www", cgi_bin, lib, *lib.rglob("*")):
