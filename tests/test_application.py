@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import threading
 import types
@@ -647,3 +648,31 @@ def test_request_over_a_limit_is_refused_before_the_servlet_runs(make_app, overr
 
     assert result.status == status
     assert ran == []
+
+
+def test_request_ids_are_unique_across_threads_and_forked_workers():
+    from pyserv.application import new_request_id
+
+    seen: list[str] = []
+
+    def take() -> None:
+        seen.extend(new_request_id() for _ in range(1000))
+
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen)) == 8000
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in seen)
+
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker forked from a master that made ids
+        os.write(writer, new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child_id = os.read(reader, 64).decode()
+    os.close(reader)
+    os.close(writer)
+    assert child_id[:8] != seen[0][:8]  # its own prefix
