@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
-from pyserv.application import AppSettings
-from pyserv.secret import SecretError
+from pyserv.secret import SecretError, secret_path
 from pyserv.stores.base import BadEnvelope, StoreError, valid_session_id
 from pyserv.stores.file import FileStore
 
@@ -182,7 +181,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
         if args.app is not None:
             raise CtlError("--app and --dir cannot be combined", EX_USAGE)
         directory = os.path.abspath(args.dir)
-        secret = _secret_path(directory, args.secret_file)
+        secret = secret_path(args.secret_file, directory)
         targets = [Target(None, sessionadmin.open_store(directory, secret))]
     else:
         if args.secret_file is not None:
@@ -206,7 +205,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
             Target(
                 app.name,
                 sessionadmin.open_store(
-                    app.session_dir, _secret_path(app.session_dir, app.secret_file)
+                    app.session_dir, secret_path(app.secret_file, app.session_dir)
                 ),
                 app.pythonpath,
             )
@@ -240,13 +239,6 @@ def _become_owner(targets: list[Target]) -> None:
             f"{targets[0].store.directory}: owned by uid {uid}, which has no account", EX_USAGE
         ) from None
     privileges.drop_privileges(privileges.Identity(entry.pw_name, uid, entry.pw_gid))
-
-
-def _secret_path(session_dir: str, secret_file: str | None) -> str:
-    """The applications' own rule (:attr:`AppSettings.secret_path`), so that we read the
-    key they use: the configured file, else ``<session_dir>/.secret``."""
-    settings = AppSettings(name="", module="", session_dir=session_dir, secret_file=secret_file)
-    return settings.secret_path
 
 
 def cmd_stats(args: argparse.Namespace, out: TextIO) -> int:

@@ -30,6 +30,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 
+from pyserv.secret import secret_path
+
 from .config import AppConfig, Config, ConfigError
 
 _LAX_BITS = stat.S_IWGRP | stat.S_IWOTH
@@ -160,7 +162,7 @@ def _check_usable(config: Config, app: AppConfig) -> None:
 
 
 def _check_secret(config: Config, app: AppConfig) -> None:
-    secret = app.secret_file or os.path.join(app.session_dir or "", ".secret")
+    secret = secret_path(app.secret_file, app.session_dir)
     if os.path.exists(secret):
         if not os.access(secret, os.R_OK):
             raise ConfigError(

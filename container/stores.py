@@ -9,7 +9,7 @@ instead of serving 503s.
 
 from __future__ import annotations
 
-from pyserv.secret import load_or_create_secret
+from pyserv.secret import load_or_create_secret, secret_path
 from pyserv.stores.base import Envelope, SessionStore, StoreUnavailable
 
 from .config import AppConfig, Config, ConfigError
@@ -20,8 +20,8 @@ LOCK_LEASE_MARGIN = 10.0  # seconds a Redis lock outlives request_timeout
 
 def build_store(app: AppConfig, config: Config) -> SessionStore:
     """The store *app* uses, its key read (or created) when a session is first used."""
-    secret_path = app.secret_file or f"{app.session_dir}/.secret"
-    envelope = Envelope(lambda: load_or_create_secret(secret_path), max_bytes=app.max_session_bytes)
+    key_file = secret_path(app.secret_file, app.session_dir)
+    envelope = Envelope(lambda: load_or_create_secret(key_file), max_bytes=app.max_session_bytes)
     if app.session_store == "file":
         from pyserv.stores.file import FileStore
 

@@ -24,7 +24,7 @@ from .dispatch import Dispatcher
 from .errors import HTTPError, LazyLogger, error_response
 from .request import Frozen, Request, RequestLimits, check_limits
 from .response import Response
-from .secret import SecretError, load_or_create_secret
+from .secret import SecretError, load_or_create_secret, secret_path
 from .servlet import ServletContext
 from .session import SessionInterface, SessionScope, TooManySessions
 from .stores.base import (
@@ -103,9 +103,7 @@ class AppSettings(Frozen):
 
     @property
     def secret_path(self) -> str:
-        if self.secret_file is None and self.session_dir is None:
-            raise ValueError(f"app {self.name!r}: set secret_file (there is no session_dir)")
-        return self.secret_file or os.path.join(self.session_dir or "", ".secret")
+        return secret_path(self.secret_file, self.session_dir)
 
 
 class _RequestIds:

@@ -16,6 +16,18 @@ class SecretError(Exception):
     """The key file cannot be read or created; the message says what to configure."""
 
 
+def secret_path(secret_file: str | None, session_dir: str | None) -> str:
+    """The key file an application uses: *secret_file*, else ``<session_dir>/.secret``.
+
+    The one rule, for the applications and for every tool that must read their key.
+    """
+    if secret_file is not None:
+        return secret_file
+    if session_dir is None:
+        raise ValueError("set secret_file: there is no session_dir to keep the key in")
+    return os.path.join(session_dir, ".secret")
+
+
 def load_or_create_secret(path: str) -> bytes:
     try:
         return _read(path)
