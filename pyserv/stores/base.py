@@ -141,6 +141,22 @@ class SessionRecord:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"SessionRecord({fields})"
 
+    @classmethod
+    def loaded(
+        cls, sid: str, data: dict[str, Any], header: Header, now: float, size: int
+    ) -> SessionRecord:
+        """The record a store's load returns: *header*'s facts, last accessed *now*."""
+        return cls(
+            sid,
+            data,
+            header.generation,
+            header.created,
+            now,
+            header.timeout,
+            size,
+            header.new_timeout,
+        )
+
     def replace(self, **changes: Any) -> SessionRecord:
         """A copy with *changes* (as ``dataclasses.replace``)."""
         values = {name: getattr(self, name) for name in self.__slots__}

@@ -266,16 +266,7 @@ class FileStore(SessionStore):
                 self._quarantine(sid, data_path, str(exc))
                 return None
             _touch(stream.fileno())
-        return SessionRecord(
-            sid,
-            data,
-            header.generation,
-            header.created,
-            now,
-            header.timeout,
-            len(blob),
-            header.new_timeout,
-        )
+        return SessionRecord.loaded(sid, data, header, now, len(blob))
 
     def save(self, record: SessionRecord, now: float) -> SessionRecord:
         subdir, data_path, _ = self._paths(record.sid)

@@ -350,16 +350,7 @@ class RedisStore(SessionStore):
         except BadEnvelope as exc:
             self._quarantine(sid, key, blob, str(exc))
             return None
-        return SessionRecord(
-            sid,
-            data,
-            header.generation,
-            header.created,
-            now,
-            header.timeout,
-            len(blob),
-            header.new_timeout,
-        )
+        return SessionRecord.loaded(sid, data, header, now, len(blob))
 
     def save(self, record: SessionRecord, now: float) -> SessionRecord:
         """Compare-and-set: generation 0 only where no session is; otherwise only over
