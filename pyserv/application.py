@@ -22,7 +22,8 @@ from types import ModuleType
 
 from .dispatch import Dispatcher
 from .errors import HTTPError, LazyLogger, error_response
-from .request import Frozen, Request, RequestLimits, check_limits
+from .frozen import Frozen
+from .request import Request, RequestLimits, check_limits
 from .response import Response
 from .secret import SecretError, load_or_create_secret, secret_path
 from .servlet import ServletContext
@@ -50,7 +51,7 @@ _DEFAULT_LIMITS = RequestLimits()
 class AppSettings(Frozen):
     """One application's settings, validated by whoever builds them (config or cgimain).
 
-    Immutable (a :class:`~pyserv.request.Frozen`, not a dataclass: CGI start-up)."""
+    Immutable (a :class:`~pyserv.frozen.Frozen`, not a dataclass: CGI start-up)."""
 
     __slots__ = (
         "name",
