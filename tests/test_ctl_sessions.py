@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import pickle
@@ -13,23 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from planted import malicious_payload, raw_envelope
 
 from container.ctl import main
 from pyserv.secret import load_or_create_secret
-from pyserv.stores.base import Envelope, SessionRecord, new_session_id, pack_header
+from pyserv.stores.base import Envelope, SessionRecord, new_session_id
 from pyserv.stores.file import FileStore
 
 HOUR = 3600
-
-
-class CreatesFile:
-    """Unpickling this creates a file: proof that a payload was unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 class Site:
@@ -85,12 +74,12 @@ def add_malicious_session(
     """A session whose unpickling would create *marker*, signed with *key* (default the
     store's own key, i.e. a record that verifies)."""
     sid = new_session_id()
-    payload = pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
-    header = pack_header(1, time.time() - idle, HOUR)
-    mac = hmac.new(key or store.envelope.key, header + sid.encode() + payload, hashlib.sha256)
+    blob = raw_envelope(
+        key or store.envelope.key, sid, malicious_payload(marker), created=time.time() - idle
+    )
     path = session_file(store, sid)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.write_bytes(header + mac.digest() + payload)
+    path.write_bytes(blob)
     path.chmod(0o600)
     age(store, sid, idle)
     return sid

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from planted import malicious_payload, raw_envelope
 from store_conformance import *  # noqa: F401,F403
 from store_conformance import load_locked, make_record
 
@@ -102,28 +103,6 @@ def lock_path(session_dir: Path, sid: str) -> Path:
 
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def raw_envelope(key: bytes, sid: str, payload: bytes, *, generation: int = 1) -> bytes:
-    """An envelope built by hand from the documented format: header | HMAC | pickle."""
-    now = time.time()
-    header = struct.pack(HEADER_FORMAT, MAGIC, generation, now, 3600, 0)
-    mac = hmac.new(key, header + sid.encode("ascii") + payload, hashlib.sha256).digest()
-    return header + mac + payload
-
-
-class CreatesFile:
-    """Unpickling this opens (creates) a file: proof that a payload was unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def malicious_payload(marker: Path) -> bytes:
-    return pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
 
 
 def assert_gadget_works(tmp_path: Path) -> None:

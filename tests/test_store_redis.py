@@ -5,7 +5,6 @@ processes, cache coherence, TTLs, outages, AUTH and TLS."""
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import multiprocessing
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from planted import malicious_payload, raw_envelope
 from redis_server import RedisServer, free_port
 from store_conformance import *  # noqa: F401,F403
 from store_conformance import UnpickleCounter, load_locked, make_record
@@ -33,7 +33,6 @@ from pyserv.stores.base import (
     SessionValueError,
     StoreUnavailable,
     new_session_id,
-    pack_header,
 )
 from pyserv.stores.redis import QUARANTINE_SECONDS, RedisStore
 
@@ -232,27 +231,6 @@ def test_load_lock_save_and_release_send_one_command_each(store, monkeypatch):
 
 
 # -- verification and quarantine -------------------------------------------------------
-
-
-class CreatesFile:
-    """Unpickling this opens (creates) a file: proof that a payload was unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def malicious_payload(marker: Path) -> bytes:
-    return pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
-
-
-def raw_envelope(key: bytes, sid: str, payload: bytes, *, generation: int = 1) -> bytes:
-    """An envelope built by hand from the documented format: header | HMAC | pickle."""
-    header = pack_header(generation, time.time(), 3600)
-    mac = hmac.new(key, header + sid.encode("ascii") + payload, hashlib.sha256).digest()
-    return header + mac + payload
 
 
 def tampered_flipped_byte(key: bytes, sid: str, marker: Path) -> bytes:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import pickle
 import re
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from planted import CreatesFile, malicious_payload, raw_envelope
 
 import pyserv
 from pyserv.secret import load_or_create_secret
-from pyserv.stores.base import MAGIC, Envelope, SessionRecord, new_session_id
+from pyserv.stores.base import Envelope, SessionRecord, new_session_id
 from pyserv.stores.file import FileStore
 from pyserv.sweep import main
 
@@ -52,25 +50,15 @@ def add_session(store: FileStore, *, idle: float, timeout: int = 60) -> Path:
     return path
 
 
-class CreatesFile:
-    """Unpickling this creates a file: proof that a payload was unpickled."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def add_malicious_session(store: FileStore, marker: Path, *, idle: float) -> Path:
     """An expired session, correctly signed, whose unpickling would create *marker*."""
     sid = new_session_id()
-    payload = pickle.dumps({"x": CreatesFile(str(marker))}, protocol=4)
-    header = struct.pack(">4sQdII", MAGIC, 1, time.time() - idle, 60, 0)
-    mac = hmac.new(store.envelope.key, header + sid.encode() + payload, hashlib.sha256).digest()
+    blob = raw_envelope(
+        store.envelope.key, sid, malicious_payload(marker), created=time.time() - idle, timeout=60
+    )
     path = Path(store.directory) / sid[:2] / f"{sid}.session"
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    path.write_bytes(header + mac + payload)
+    path.write_bytes(blob)
     when = time.time() - idle
     os.utime(path, (when, when))
     return path
