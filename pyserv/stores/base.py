@@ -27,6 +27,8 @@ import re
 import struct
 from abc import ABC, abstractmethod
 
+from ..errors import LazyLogger
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI start-up)
 if TYPE_CHECKING:
     from typing import Any, Callable
@@ -40,6 +42,8 @@ _HEADER_V1 = struct.Struct(">4sQdI")  # before new_timeout: read, never written
 _MAC_SIZE = hashlib.sha256().digest_size
 _PICKLE_PROTOCOL = 4
 
+
+log = LazyLogger("pyserv.error")
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}\Z")
 
@@ -368,3 +372,23 @@ class SessionStore(ABC):
     def fingerprint(self, sid: str) -> str:
         """A keyed hash of *sid* for logs."""
         return self.envelope.fingerprint(sid)
+
+    def _log_quarantine(
+        self, sid: str, reason: str, target: str | None, failure: object = None
+    ) -> None:
+        """Log a record that failed verification: moved to *target*, or, with *failure*,
+        left in place. Names the session by its fingerprint, never by id."""
+        if failure is not None:
+            log.warning(
+                "session %s failed verification (%s); cannot move it aside: %s",
+                self.fingerprint(sid),
+                reason,
+                failure,
+            )
+        else:
+            log.warning(
+                "session %s failed verification (%s); moved to %s",
+                self.fingerprint(sid),
+                reason,
+                target,
+            )

@@ -30,7 +30,6 @@ import fcntl
 import os
 import time
 
-from ..errors import LazyLogger
 from .base import (
     HEADER_SIZE,
     BadEnvelope,
@@ -46,8 +45,6 @@ from .base import (
 )
 from .exchange import ExchangeUnsupported, exchange
 from .keyed import KeyedLocks
-
-log = LazyLogger("pyserv.error")
 
 DATA_SUFFIX = ".session"
 LOCK_SUFFIX = ".lock"
@@ -382,19 +379,9 @@ class FileStore(SessionStore):
             os.replace(data_path, target)
             _unlink_quietly(_spare_path(data_path))  # the version before; signed, but stale
         except OSError as exc:
-            log.warning(
-                "session %s failed verification (%s); cannot move it aside: %s",
-                self.fingerprint(sid),
-                reason,
-                exc.strerror,
-            )
+            self._log_quarantine(sid, reason, None, exc.strerror)
             return
-        log.warning(
-            "session %s failed verification (%s); moved to %s",
-            self.fingerprint(sid),
-            reason,
-            target,
-        )
+        self._log_quarantine(sid, reason, target)
 
     # -- maintenance -----------------------------------------------------------------
 

@@ -392,19 +392,9 @@ class RedisStore(SessionStore):
             with self._talking():
                 self._quarantine_script(keys=[key, target], args=[blob or b"", QUARANTINE_SECONDS])
         except StoreUnavailable as exc:
-            log.warning(
-                "session %s failed verification (%s); cannot move it aside: %s",
-                self.fingerprint(sid),
-                reason,
-                exc,
-            )
+            self._log_quarantine(sid, reason, None, exc)
             return
-        log.warning(
-            "session %s failed verification (%s); moved to %s",
-            self.fingerprint(sid),
-            reason,
-            target,
-        )
+        self._log_quarantine(sid, reason, target)
 
     # -- maintenance ---------------------------------------------------------------------
 
