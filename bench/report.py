@@ -69,7 +69,7 @@ def _measurement_cells(measurement: Measurement) -> list[str]:
         f"{load.rate:,.0f}",
         f"{load.p50_ms:.2f}",
         f"{load.p99_ms:.2f}",
-        str(load.errors),
+        load.describe_errors(),
         _cores(split.apache, measurement),
         approx + _cores(split.app, measurement),
         _cores(split.wrk, measurement),

@@ -71,6 +71,19 @@ class WrkResult:
             + self.timeouts
         )
 
+    def describe_errors(self) -> str:
+        """The error count with its kinds, e.g. ``2 (1 read, 1 5xx)``: a read error is a
+        connection closed without an answer, a timeout no answer within REQUEST_TIMEOUT."""
+        kinds = [
+            (self.connect_errors, "connect"),
+            (self.read_errors, "read"),
+            (self.write_errors, "write"),
+            (self.non_2xx, "4xx/5xx"),
+            (self.timeouts, "timeout"),
+        ]
+        found = [f"{count} {kind}" for count, kind in kinds if count]
+        return f"{self.errors} ({', '.join(found)})" if found else "0"
+
 
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
