@@ -41,6 +41,7 @@ pytestmark = pytest.mark.integration
 
 BALANCER_MODULES = ["proxy", "proxy_fcgi", "proxy_balancer", "slotmem_shm", "lbmethod_byrequests"]
 EX_UNAVAILABLE = 69
+EX_CONFIG = 78
 
 
 @dataclass
@@ -303,6 +304,16 @@ def test_redis_stopped_answers_503_to_sessions_only_and_recovers(daemons, apache
         assert served == {"a", "b"}  # both daemons reconnected by themselves
 
 
+def start_up_failure(daemon: Pyservd, status: int) -> str:
+    """The one line a daemon that refused to start logged; it exited with *status*."""
+    assert daemon.wait(timeout=15) == status
+    log = daemon.log_text()
+    failures = [line for line in log.splitlines() if "start-up failed" in line]
+    assert len(failures) == 1, log
+    assert "Traceback" not in log, log
+    return failures[0]
+
+
 def test_redis_unreachable_at_start_exits_69_naming_app_and_address(daemons) -> None:
     require_redis()
     work_dir = daemons.work_dir()
@@ -317,13 +328,9 @@ def test_redis_unreachable_at_start_exits_69_naming_app_and_address(daemons) -> 
         },
     )
     daemon = daemons.start(config, wait="none")
-    assert daemon.wait(timeout=15) == EX_UNAVAILABLE
-    log = daemon.log_text()
-    failures = [line for line in log.splitlines() if "start-up failed" in line]
-    assert len(failures) == 1, log
-    assert "[app:testapp]" in failures[0] and f"127.0.0.1:{port}" in failures[0], failures[0]
-    assert "cannot reach Redis" in failures[0], failures[0]
-    assert "Traceback" not in log, log
+    failure = start_up_failure(daemon, EX_UNAVAILABLE)
+    assert "[app:testapp]" in failure and f"127.0.0.1:{port}" in failure, failure
+    assert "cannot reach Redis" in failure, failure
     assert not socket_path(work_dir).exists()
     assert not (work_dir / "run" / "pyservd.ctl").exists()
     assert group_members(daemon.pid) == []
@@ -344,11 +351,9 @@ def test_wrong_redis_password_exits_69_without_showing_it(daemons) -> None:
             },
         )
         daemon = daemons.start(config, wait="none")
-        assert daemon.wait(timeout=15) == EX_UNAVAILABLE
+        failure = start_up_failure(daemon, EX_UNAVAILABLE)
+    assert "[app:testapp]" in failure and "password was refused" in failure, failure
     log = daemon.log_text()
-    failures = [line for line in log.splitlines() if "start-up failed" in line]
-    assert len(failures) == 1, log
-    assert "[app:testapp]" in failures[0] and "password was refused" in failures[0], failures[0]
     assert wrong not in log and redis.password not in log
     assert not socket_path(work_dir).exists()
 
@@ -367,9 +372,5 @@ def test_unreadable_redis_password_file_exits_78_naming_it(daemons) -> None:
         },
     )
     daemon = daemons.start(config, wait="none")
-    assert daemon.wait(timeout=15) == 78
-    log = daemon.log_text()
-    failures = [line for line in log.splitlines() if "start-up failed" in line]
-    assert len(failures) == 1, log
-    assert "session_store_password_file" in failures[0] and str(missing) in failures[0]
-    assert "Traceback" not in log, log
+    failure = start_up_failure(daemon, EX_CONFIG)
+    assert "session_store_password_file" in failure and str(missing) in failure, failure
