@@ -168,7 +168,11 @@ def _scale_section(results: Results) -> list[str]:
                         f"{t.seconds:.2f}",
                         f"{t.cpu_seconds:.2f}",
                     ]
-                    for what, t in (("all live", sweeps.live), ("all expired", sweeps.expired))
+                    for what, t in (
+                        ("all live", sweeps.live),
+                        ("all expired, no lock files", sweeps.expired),
+                        ("all expired, each locked once", sweeps.expired_locked),
+                    )
                 ],
             )
         )

@@ -6,7 +6,10 @@
   Its workers sweep the directory a few seconds after start and every minute; the
   rows start once the daemon has been idle for a while, and that wait is reported.
 - Sweep: ``FileStore.sweep`` over N sessions, first all live (a pass that removes
-  nothing, as a worker's periodic sweep mostly is), then all expired by ``os.utime``.
+  nothing, as a worker's periodic sweep mostly is), then all expired by ``os.utime``;
+  then over N other expired sessions that were each locked once, as by a request: a
+  session requested at least once keeps a lock file, which the sweeper must lock before
+  it removes the session (the first N have none, as if never requested again).
 - Memory: VmRSS of a single worker before and after N distinct sessions pass through
   its cache, N being the shipped ``session_cache_size``.
 """
@@ -30,6 +33,7 @@ from .sessions import (
     age_sessions,
     envelope_for,
     fill,
+    lock_sessions,
     remove,
     time_sweep,
     write_sessions,
@@ -102,11 +106,13 @@ def stored_sessions(
 class Sweeps:
     sessions: int
     live: SweepTiming  # nothing expired: a pass that only reads
-    expired: SweepTiming  # every session expired: a pass that removes them all
+    expired: SweepTiming  # every session expired, none ever locked: no lock files
+    expired_locked: SweepTiming  # every session expired after a request: lock files
 
 
 def sweeps(site: Site, count: int, *, say: Say) -> Sweeps:
-    """Time ``FileStore.sweep`` over *count* live, then *count* expired sessions."""
+    """Time ``FileStore.sweep`` over *count* live, then *count* expired sessions; then
+    over *count* expired sessions that each have a lock file."""
     session_dir = Path(tempfile.mkdtemp(prefix="sweep-", dir=site.work_dir)) / "sessions"
     envelope = envelope_for(session_dir)
     say(f"writing {label(count)} sessions to sweep")
@@ -116,7 +122,13 @@ def sweeps(site: Site, count: int, *, say: Say) -> Sweeps:
     age_sessions(session_dir, ids, idle_seconds=2 * 3600 + 60)  # past the 3600 s timeout
     say("sweeping them once expired")
     expired = time_sweep(session_dir, envelope)
-    return Sweeps(count, live, expired)
+    say(f"writing {label(count)} sessions and locking each once")
+    ids = write_sessions(session_dir, envelope, count)
+    lock_sessions(session_dir, envelope, ids)
+    age_sessions(session_dir, ids, idle_seconds=2 * 3600 + 60)
+    say("sweeping them once expired")
+    expired_locked = time_sweep(session_dir, envelope)
+    return Sweeps(count, live, expired, expired_locked)
 
 
 @dataclass(frozen=True)

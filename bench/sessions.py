@@ -94,6 +94,18 @@ def age_sessions(session_dir: Path, ids: Iterable[str], idle_seconds: float) -> 
         os.utime(os.path.join(session_dir, sid[:2], sid + DATA_SUFFIX), (then, then))
 
 
+def lock_sessions(session_dir: Path, envelope: Envelope, ids: Iterable[str]) -> None:
+    """Lock and release each of sessions *ids* through the store, as a request does: each
+    then has its stable ``<id>.lock`` file, as every session requested at least once has
+    (the sweeper must take a session's lock before removing it)."""
+    store = FileStore(str(session_dir), envelope)
+    for sid in ids:
+        held = store.lock(sid, 1.0)
+        if held is None:
+            raise RuntimeError(f"session {sid[:8]}… vanished before it could be locked")
+        held.release()
+
+
 def fill(
     session_dir: Path,
     envelope: Envelope,

@@ -76,16 +76,27 @@ def evaluate(results: Results) -> list[Target]:
         )
     )
     targets += _stored_targets(results)
-    sweeps = results.sweeps
-    targets.append(
-        Target(
-            f"sweep of {label(results.plan.sweep_count)} expired sessions < "
-            f"{SWEEP_LIMIT_SECONDS:g} s",
-            "not measured" if sweeps is None else f"{sweeps.expired.seconds:.3g} s",
-            None if sweeps is None else sweeps.expired.seconds < SWEEP_LIMIT_SECONDS,
-        )
-    )
+    targets.append(_sweep_target(results))
     return targets
+
+
+def _sweep_target(results: Results) -> Target:
+    """Both expired sweeps must be under the limit: sessions without lock files (never
+    requested again) and, the realistic case, sessions whose lock file the sweeper must
+    lock before it removes them."""
+    goal = (
+        f"sweep of {label(results.plan.sweep_count)} expired sessions < "
+        f"{SWEEP_LIMIT_SECONDS:g} s (with and without lock files)"
+    )
+    sweeps = results.sweeps
+    if sweeps is None:
+        return Target(goal, "not measured", None)
+    timings = (sweeps.expired_locked, sweeps.expired)
+    return Target(
+        goal,
+        " / ".join(f"{t.seconds:.3g} s" for t in timings),
+        all(t.seconds < SWEEP_LIMIT_SECONDS for t in timings),
+    )
 
 
 def _stored_targets(results: Results) -> list[Target]:
