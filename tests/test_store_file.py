@@ -6,10 +6,12 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import itertools
 import logging
 import multiprocessing
 import os
 import pickle
+import random
 import re
 import stat
 import struct
@@ -736,8 +738,10 @@ def test_sweep_removes_a_never_locked_session_without_making_a_lock_file(
 def test_sweep_puts_back_a_session_a_request_locked_while_it_was_moved(
     store, age_session, session_dir, monkeypatch
 ):
+    """Near its expiry (a clock stepped back could make it live again for a request), a
+    session without lock file is moved aside before it is removed."""
     idle = store.save(make_record({"v": "idle"}, timeout=60), time.time())
-    age_session(idle.sid, 120)
+    age_session(idle.sid, 80)  # expired 20 s ago
     lock_path = session_dir / idle.sid[:2] / f"{idle.sid}.lock"
     real_rename = os.rename
     held: list[int] = []
@@ -758,3 +762,181 @@ def test_sweep_puts_back_a_session_a_request_locked_while_it_was_moved(
     monkeypatch.undo()
     assert data_path(session_dir, idle.sid).exists()
     assert store.sweep(time.time()) == 1  # idle and unlocked now
+
+
+def test_sweep_removes_a_long_expired_session_without_lock_file_outright(
+    store, age_session, session_dir, monkeypatch
+):
+    """Expiry is final: a session expired well before the sweep, and never locked, is
+    unlinked without first being moved aside."""
+    idle = store.save(make_record({"v": "idle"}, timeout=60), time.time())
+    age_session(idle.sid, 7200)
+
+    def no_rename(source, target):
+        raise AssertionError("moved aside")
+
+    monkeypatch.setattr(os, "rename", no_rename)
+    assert store.sweep(time.time()) == 1
+    assert list((session_dir / idle.sid[:2]).iterdir()) == []
+
+
+def test_sweep_leaves_a_session_used_between_its_read_and_its_lock(
+    store, age_session, session_dir, monkeypatch
+):
+    """A request that loaded the session just before it expired touches it; the sweeper,
+    having read the old mtime, finds the file changed once it holds the lock."""
+    used = store.save(make_record({"v": "used"}, timeout=60), time.time())
+    assert load_locked(store, used.sid) is not None  # a lock file, as after any request
+    age_session(used.sid, 7200)
+    real_stamp = FileStore._expired_stamp
+
+    def stamp_then_touched(path, now):
+        stamp = real_stamp(path, now)
+        os.utime(path)  # the request's load, between the sweeper's read and its lock
+        return stamp
+
+    monkeypatch.setattr(FileStore, "_expired_stamp", staticmethod(stamp_then_touched))
+    assert store.sweep(time.time()) == 0
+    monkeypatch.undo()
+    assert data_path(session_dir, used.sid).exists()
+    assert load_locked(store, used.sid).data == {"v": "used"}
+
+
+def test_sweep_threads_must_be_one_to_four(session_dir, secret_file):
+    for threads in (0, 5):
+        with pytest.raises(ValueError, match="sweep_threads"):
+            make_store(session_dir, secret_file, sweep_threads=threads)
+
+
+def _many_sessions(store, age_session, count: int, *, locked: bool) -> list[str]:
+    sids = []
+    for _ in range(count):
+        record = store.save(make_record({"v": 1}, timeout=60), time.time())
+        if locked:
+            assert load_locked(store, record.sid) is not None
+        age_session(record.sid, 7200)
+        sids.append(record.sid)
+    return sids
+
+
+def test_sweep_threads_run_at_once_and_the_count_is_exact(
+    session_dir, secret_file, age_session, monkeypatch
+):
+    store = make_store(session_dir, secret_file, sweep_threads=3)
+    store.ensure_directory()
+    expired = _many_sessions(store, age_session, 40, locked=True)
+    expired += _many_sessions(store, age_session, 40, locked=False)
+    live = [store.save(make_record({"v": 2}), time.time()).sid for _ in range(20)]
+    together = threading.Barrier(2, timeout=10.0)  # broken unless two threads run at once
+    calls = itertools.count()
+    names: set[str] = set()
+    real_subdir = FileStore._sweep_subdir
+
+    def sweep_subdir(self, subdir, now):
+        names.add(threading.current_thread().name)
+        if next(calls) < 2:
+            together.wait()  # BrokenBarrierError, raised by sweep, if they run one by one
+        return real_subdir(self, subdir, now)
+
+    monkeypatch.setattr(FileStore, "_sweep_subdir", sweep_subdir)
+    assert store.sweep(time.time()) == len(expired)
+    assert len(names) >= 2 and all(name.startswith("pyserv-sweep") for name in names)
+    remaining = {p.name for p in session_dir.rglob("*") if p.parent != session_dir}
+    assert remaining == {f"{sid}.session" for sid in live}
+
+
+def test_error_in_a_sweep_thread_is_raised_and_the_guard_released(
+    session_dir, secret_file, age_session, monkeypatch
+):
+    store = make_store(session_dir, secret_file, sweep_threads=2)
+    store.ensure_directory()
+    sids = _many_sessions(store, age_session, 30, locked=False)
+    failing = sids[0][:2]
+    real_subdir = FileStore._sweep_subdir
+
+    def sweep_subdir(self, subdir, now):
+        if os.path.basename(subdir) == failing:
+            raise OSError(errno.EIO, "I/O error")
+        return real_subdir(self, subdir, now)
+
+    monkeypatch.setattr(FileStore, "_sweep_subdir", sweep_subdir)
+    with pytest.raises(OSError, match="I/O error"):
+        store.sweep(time.time())
+    monkeypatch.undo()
+    assert data_path(session_dir, sids[0]).exists()
+    assert store.sweep(time.time()) >= 1  # not left locked by the failed sweep
+    assert store.count() == 0
+
+
+def _hold_sessions_in_child(session_dir, secret_file, sids, ready, release) -> None:
+    store = make_store(Path(session_dir), Path(secret_file))
+    held = [store.lock(sid, 5.0) for sid in sids]
+    assert all(lock is not None for lock in held)
+    ready.set()
+    release.wait(60.0)
+    for lock in held:
+        lock.release()
+
+
+def _request_sessions_in_child(session_dir, secret_file, sids, start) -> None:
+    store = make_store(Path(session_dir), Path(secret_file))
+    start.wait(30.0)
+    for sid in sids:
+        assert load_locked(store, sid) is None  # expired: refused (and removed) by load
+
+
+def test_sweep_racing_real_requests_spares_held_sessions_and_counts_exactly(
+    store, session_dir, secret_file, age_session, monkeypatch
+):
+    """A process holds some expired sessions, another requests the rest while two sweep
+    threads remove them: the held ones stay, locks are not split, nothing is counted
+    twice."""
+    sids = _many_sessions(store, age_session, 120, locked=True)
+    sids += _many_sessions(store, age_session, 60, locked=False)
+    random.shuffle(sids)
+    held, requested = sids[:20], sids[20:]
+    context = multiprocessing.get_context("spawn")
+    ready, release, start = context.Event(), context.Event(), context.Event()
+    holder = context.Process(
+        target=_hold_sessions_in_child,
+        args=(str(session_dir), str(secret_file), held, ready, release),
+    )
+    requester = context.Process(
+        target=_request_sessions_in_child,
+        args=(str(session_dir), str(secret_file), requested[::-1], start),
+    )
+    holder.start()
+    requester.start()
+    unlinked: list[str] = []
+    real_unlink = os.unlink
+
+    def counting_unlink(path, *args, **kwargs):
+        real_unlink(path, *args, **kwargs)
+        if str(path).endswith(".session"):
+            unlinked.append(str(path))
+
+    try:
+        assert ready.wait(30.0)
+        monkeypatch.setattr(os, "unlink", counting_unlink)
+        start.set()
+        removed = store.sweep(time.time())
+        monkeypatch.undo()
+        requester.join(30.0)
+        assert requester.exitcode == 0
+        assert removed == len(unlinked) == len(set(unlinked))
+        for sid in held:
+            assert data_path(session_dir, sid).exists()
+            with pytest.raises(LockTimeout):
+                store.lock(sid, 0)  # the holder's lock file is still the one at the path
+        for sid in requested:
+            assert not data_path(session_dir, sid).exists()
+    finally:
+        release.set()
+        for process in (holder, requester):
+            process.join(30.0)
+            if process.is_alive():
+                process.kill()
+                process.join(5.0)
+    assert holder.exitcode == 0
+    assert store.sweep(time.time()) == len(held)
+    assert store.count() == 0

@@ -52,6 +52,9 @@ SPARE_SUFFIX = ".spare"
 TEMP_SUFFIX = ".tmp"
 QUARANTINE = "quarantine"
 STALE_TEMP_SECONDS = 3600
+# A session without a lock file that expired this long before the sweep began is removed
+# outright (see FileStore._remove_if_expired); nearer its expiry, the careful way.
+_UNLOCKED_MARGIN = 60.0
 _UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -146,15 +149,25 @@ class FileStore(SessionStore):
     at a cost per write; without it a save is atomic but may be lost in a power cut.
     *spares* (the default) updates sessions by swapping in a spare file; off, by
     replacing the file (cheaper for a process that writes once: no ctypes import).
+    *sweep_threads* (1–4) share a :meth:`sweep`'s subdirectories.
     """
 
     def __init__(
-        self, directory: str, envelope: Envelope, *, fsync: bool = False, spares: bool = True
+        self,
+        directory: str,
+        envelope: Envelope,
+        *,
+        fsync: bool = False,
+        spares: bool = True,
+        sweep_threads: int = 2,
     ) -> None:
+        if not 1 <= sweep_threads <= 4:
+            raise ValueError(f"sweep_threads = {sweep_threads!r}: expected 1 to 4")
         self.directory = os.path.abspath(directory)
         self.envelope = envelope
         self._fsync = fsync
         self._spares = spares
+        self._sweep_threads = sweep_threads
         self._keyed = KeyedLocks()
 
     def _paths(self, sid: str) -> tuple[str, str, str]:
@@ -386,10 +399,14 @@ class FileStore(SessionStore):
     # -- maintenance -----------------------------------------------------------------
 
     def sweep(self, now: float) -> int:
-        """Remove expired sessions, stale temp files and orphan lock files.
+        """Remove expired sessions, stale temp files and orphan lock files; return the
+        number of sessions removed.
 
         Reads only headers and mtimes (never unpickles); a session locked by a request
-        is skipped. One sweeper at a time per directory (others return 0 at once).
+        is skipped. One sweeper at a time per directory (others return 0 at once). The
+        two-character subdirectories are shared among *sweep_threads* threads (the work
+        is system calls, which release the GIL); the first error raised in any of them
+        is raised here, once the others have stopped.
         """
         try:
             guard = os.open(
@@ -408,11 +425,23 @@ class FileStore(SessionStore):
                 fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0
-            removed = 0
-            for subdir in os.scandir(self.directory):
-                if len(subdir.name) == 2 and subdir.is_dir(follow_symlinks=False):
-                    removed += self._sweep_subdir(subdir.path, now)
-            return removed
+            with os.scandir(self.directory) as listing:
+                subdirs = [
+                    e.path for e in listing if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
+                ]
+            threads = min(self._sweep_threads, len(subdirs))
+            if threads <= 1:
+                return sum(self._sweep_subdir(subdir, now) for subdir in subdirs)
+            # Imported here: a CGI process never sweeps, and this import costs it start-up.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="pyserv-sweep") as pool:
+                futures = [pool.submit(self._sweep_subdir, subdir, now) for subdir in subdirs]
+                try:
+                    return sum(future.result() for future in futures)
+                finally:
+                    for future in futures:
+                        future.cancel()  # after an error: the subdirectories not yet begun
         finally:
             os.close(guard)
 
@@ -431,66 +460,173 @@ class FileStore(SessionStore):
         return total
 
     def _sweep_subdir(self, subdir: str, now: float) -> int:
-        removed = 0
-        for entry in os.scandir(subdir):
+        """Sweep one subdirectory, from one complete listing of it (which
+        :meth:`_remove_if_expired` relies on, and which spares a ``stat`` per file)."""
+        try:
+            with os.scandir(subdir) as listing:
+                entries = list(listing)
+        except FileNotFoundError:
+            return 0
+        sessions: list[str] = []
+        locks: set[str] = set()
+        spares: set[str] = set()
+        temps: list[os.DirEntry[str]] = []
+        for entry in entries:
             name = entry.name
+            if name.endswith(DATA_SUFFIX):
+                sessions.append(name[: -len(DATA_SUFFIX)])
+            elif name.endswith(LOCK_SUFFIX):
+                locks.add(name[: -len(LOCK_SUFFIX)])
+            elif name.endswith(SPARE_SUFFIX):
+                spares.add(name[: -len(SPARE_SUFFIX)])
+            elif name.endswith(TEMP_SUFFIX):
+                temps.append(entry)
+        # Sessions past expiry by this much are not even near the edge for a request.
+        clear_of_requests = min(now, time.time()) - _UNLOCKED_MARGIN
+        removed = 0
+        for sid in sessions:
+            if valid_session_id(sid):
+                try:
+                    removed += self._remove_if_expired(
+                        subdir, sid, now, clear_of_requests, sid in locks, sid in spares
+                    )
+                except FileNotFoundError:
+                    continue  # removed by someone else meanwhile
+        listed = set(sessions)
+        for entry in temps:
             try:
-                if name.endswith(DATA_SUFFIX):
-                    sid = name[: -len(DATA_SUFFIX)]
-                    if valid_session_id(sid) and self._expired_on_disk(entry.path, now):
-                        removed += self._remove_if_expired(sid, entry.path, now)
-                elif name.endswith(TEMP_SUFFIX):
-                    if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
-                        _unlink_quietly(entry.path)
-                elif name.endswith(SPARE_SUFFIX):
-                    sid = name[: -len(SPARE_SUFFIX)]
-                    if (
-                        valid_session_id(sid)
-                        and not os.path.exists(os.path.join(subdir, sid + DATA_SUFFIX))
-                        and now - entry.stat().st_mtime > STALE_TEMP_SECONDS
-                    ):
-                        _unlink_quietly(entry.path)  # its session was moved aside
-                elif name.endswith(LOCK_SUFFIX):
-                    sid = name[: -len(LOCK_SUFFIX)]
-                    if valid_session_id(sid) and not os.path.exists(
-                        os.path.join(subdir, sid + DATA_SUFFIX)
-                    ):
-                        self._remove_orphan_lock(entry.path)
+                if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                    _unlink_quietly(entry.path)
             except FileNotFoundError:
-                continue  # removed by someone else meanwhile
+                continue
+        for sid in spares - listed:
+            path = os.path.join(subdir, sid + SPARE_SUFFIX)
+            try:
+                if (
+                    valid_session_id(sid)
+                    and not os.path.exists(os.path.join(subdir, sid + DATA_SUFFIX))
+                    and now - os.stat(path).st_mtime > STALE_TEMP_SECONDS
+                ):
+                    _unlink_quietly(path)  # its session was moved aside
+            except FileNotFoundError:
+                continue
+        for sid in locks - listed:
+            if valid_session_id(sid) and not os.path.exists(
+                os.path.join(subdir, sid + DATA_SUFFIX)
+            ):
+                try:
+                    self._remove_orphan_lock(os.path.join(subdir, sid + LOCK_SUFFIX))
+                except FileNotFoundError:
+                    continue
         return removed
 
     @staticmethod
-    def _expired_on_disk(path: str, now: float) -> bool:
+    def _expired_stamp(path: str, now: float) -> tuple[int, int, float] | None:
+        """If the session file at *path* is expired at *now*: its inode, its mtime in ns
+        and the time it expired; else None (also for a header that fails to parse, left
+        for ``verify``, which quarantines)."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            mtime = os.fstat(fd).st_mtime
+            stat = os.fstat(fd)
             head = os.read(fd, HEADER_SIZE)
         finally:
             os.close(fd)
         try:
             header = read_header(head)
         except BadEnvelope:
-            return False  # left for `verify`, which quarantines
-        return now - mtime > header.idle_timeout
+            return None
+        expires = stat.st_mtime + header.idle_timeout
+        return (stat.st_ino, stat.st_mtime_ns, expires) if now > expires else None
 
-    def _remove_if_expired(self, sid: str, path: str, now: float) -> int:
-        """Remove the expired session *sid* unless a request holds it (then it is in
-        use, so not idle).
+    def _remove_if_expired(
+        self,
+        subdir: str,
+        sid: str,
+        now: float,
+        clear_of_requests: float,
+        has_lock: bool,
+        has_spare: bool,
+    ) -> int:
+        """Remove the session *sid* if it is expired at *now* and no request holds it;
+        *has_lock* and *has_spare*: the subdirectory's listing (taken after *now*) had
+        its lock file, its spare. Returns 1 if this call removed the session file.
 
-        A session that was never locked has no lock file, and creating one only to
-        delete it would double the cost of a sweep: such a session is moved out of
-        sight first (a request arriving now finds no session, and a request holding it
-        would have made the lock file); only if a lock file appeared meanwhile is it put
-        back, for the locked way.
+        With a lock file, the session is removed under its flock (taken without waiting:
+        a request holding it is using it, so it is not idle), and only if its file is
+        still the one read (same inode and mtime: a load touches it, a save replaces it).
+
+        Without one, expiry is final, so the file is simply unlinked. A session's file
+        changes only under its lock (``load`` touches it, ``save`` replaces it), and
+        both refuse an expired session: ``load`` deletes it instead, ``save`` raises
+        SessionConflict. A request that held the lock before the listing had its lock
+        file listed (a lock file is never removed while its session file exists, except
+        with it by ``delete``); one that locks later created or opened the lock file
+        after the listing, hence after *now*, and so finds the session expired, if the
+        clock reads later than *now*. That holds when the session expired before
+        *clear_of_requests*, the earlier of *now* and the clock at the listing, less a
+        margin that covers the clock being stepped back; a session nearer its expiry is
+        moved aside first (a request arriving then finds no session), and put back for
+        the locked way if a lock file appeared meanwhile.
         """
-        subdir = os.path.dirname(path)
+        data_path = os.path.join(subdir, sid + DATA_SUFFIX)
+        stamp = self._expired_stamp(data_path, now)
+        if stamp is None:
+            return 0
+        ino, mtime_ns, expired_at = stamp
+        if has_lock:
+            return self._remove_locked(subdir, sid, (ino, mtime_ns), has_spare)
+        if expired_at >= clear_of_requests:
+            return self._remove_unlocked_carefully(subdir, sid, now)
+        try:
+            os.unlink(data_path)
+        except FileNotFoundError:
+            return 0  # a request found it expired and removed it first
+        if has_spare:
+            _unlink_quietly(_spare_path(data_path))
+        return 1
+
+    @staticmethod
+    def _remove_locked(subdir: str, sid: str, stamp: tuple[int, int], has_spare: bool) -> int:
+        data_path = os.path.join(subdir, sid + DATA_SUFFIX)
+        lock_path = os.path.join(subdir, sid + LOCK_SUFFIX)
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0  # its holder removed the session meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # in use right now, so not idle
+            if os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
+                return 0  # its holder removed the session (and the lock file) meanwhile
+            current = os.stat(data_path)
+            if (current.st_ino, current.st_mtime_ns) != stamp:
+                return 0  # used since it was read; the next sweep judges it afresh
+            os.unlink(data_path)
+            if has_spare:
+                _unlink_quietly(_spare_path(data_path))
+            _unlink_quietly(lock_path)  # we hold it, and it is still the one at the path
+            return 1
+        finally:
+            os.close(fd)
+
+    def _remove_unlocked_carefully(self, subdir: str, sid: str, now: float) -> int:
+        """Remove the expired session *sid*, which had no lock file, near its expiry.
+
+        It is moved out of sight first (a request arriving now finds no session, and a
+        request holding it would have made the lock file); only if a lock file appeared
+        meanwhile is it put back, for the locked way. (Creating a lock file only to
+        delete it would double the cost.)
+        """
+        path = os.path.join(subdir, sid + DATA_SUFFIX)
         lock_path = os.path.join(subdir, sid + LOCK_SUFFIX)
         if not os.path.exists(lock_path):
             doomed = os.path.join(subdir, f".{os.urandom(6).hex()}{TEMP_SUFFIX}")
             os.rename(path, doomed)
             if not os.path.exists(lock_path):
                 os.unlink(doomed)
+                _unlink_quietly(_spare_path(path))
                 return 1
             os.rename(doomed, path)
         try:
@@ -500,7 +636,7 @@ class FileStore(SessionStore):
         if held is None:
             return 0
         try:
-            if not self._expired_on_disk(path, now):
+            if self._expired_stamp(path, now) is None:
                 return 0
             self.delete(sid)
             return 1
