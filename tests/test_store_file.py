@@ -940,3 +940,31 @@ def test_sweep_racing_real_requests_spares_held_sessions_and_counts_exactly(
     assert holder.exitcode == 0
     assert store.sweep(time.time()) == len(held)
     assert store.count() == 0
+
+
+def test_sweep_never_unlinks_a_lock_file_it_did_not_lock(
+    store, age_session, session_dir, monkeypatch
+):
+    """Between the sweeper's open and its flock the lock file at the path is replaced:
+    the flock it gets is on the old file, so it must leave the new one (and the session)."""
+    idle = store.save(make_record({"v": "idle"}, timeout=60), time.time())
+    assert load_locked(store, idle.sid) is not None
+    age_session(idle.sid, 7200)
+    path = lock_path(session_dir, idle.sid)
+    real_flock = fcntl.flock
+    replaced: list[int] = []
+
+    def flock_after_replacement(fd, operation):
+        if not replaced and os.fstat(fd).st_ino == path.stat().st_ino:
+            path.unlink()
+            replaced.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_replacement)
+    try:
+        assert store.sweep(time.time()) == 0
+    finally:
+        monkeypatch.undo()
+        for fd in replaced:
+            os.close(fd)
+    assert replaced and path.exists() and data_path(session_dir, idle.sid).exists()
