@@ -819,7 +819,7 @@ def _many_sessions(store, age_session, count: int, *, locked: bool) -> list[str]
     return sids
 
 
-def test_sweep_threads_run_at_once_and_the_count_is_exact(
+def test_sweep_removal_threads_run_at_once_and_the_count_is_exact(
     session_dir, secret_file, age_session, monkeypatch
 ):
     store = make_store(session_dir, secret_file, sweep_threads=3)
@@ -830,15 +830,15 @@ def test_sweep_threads_run_at_once_and_the_count_is_exact(
     together = threading.Barrier(2, timeout=10.0)  # broken unless two threads run at once
     calls = itertools.count()
     names: set[str] = set()
-    real_subdir = FileStore._sweep_subdir
+    real_remove = FileStore._remove_expired
 
-    def sweep_subdir(self, subdir, now):
+    def remove_expired(self, expired, now):
         names.add(threading.current_thread().name)
         if next(calls) < 2:
             together.wait()  # BrokenBarrierError, raised by sweep, if they run one by one
-        return real_subdir(self, subdir, now)
+        return real_remove(self, expired, now)
 
-    monkeypatch.setattr(FileStore, "_sweep_subdir", sweep_subdir)
+    monkeypatch.setattr(FileStore, "_remove_expired", remove_expired)
     assert store.sweep(time.time()) == len(expired)
     assert len(names) >= 2 and all(name.startswith("pyserv-sweep") for name in names)
     remaining = {p.name for p in session_dir.rglob("*") if p.parent != session_dir}
@@ -852,14 +852,14 @@ def test_error_in_a_sweep_thread_is_raised_and_the_guard_released(
     store.ensure_directory()
     sids = _many_sessions(store, age_session, 30, locked=False)
     failing = sids[0][:2]
-    real_subdir = FileStore._sweep_subdir
+    real_remove = FileStore._remove_expired
 
-    def sweep_subdir(self, subdir, now):
-        if os.path.basename(subdir) == failing:
+    def remove_expired(self, expired, now):
+        if os.path.basename(expired[0].subdir) == failing:
             raise OSError(errno.EIO, "I/O error")
-        return real_subdir(self, subdir, now)
+        return real_remove(self, expired, now)
 
-    monkeypatch.setattr(FileStore, "_sweep_subdir", sweep_subdir)
+    monkeypatch.setattr(FileStore, "_remove_expired", remove_expired)
     with pytest.raises(OSError, match="I/O error"):
         store.sweep(time.time())
     monkeypatch.undo()

@@ -53,10 +53,33 @@ TEMP_SUFFIX = ".tmp"
 QUARANTINE = "quarantine"
 STALE_TEMP_SECONDS = 3600
 # A session without a lock file that expired this long before the sweep began is removed
-# outright (see FileStore._remove_if_expired); nearer its expiry, the careful way.
+# outright (see FileStore._remove_one); nearer its expiry, the careful way.
 _UNLOCKED_MARGIN = 60.0
 _UNAVAILABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class _Expired:
+    """A session :meth:`FileStore.sweep` found expired, as its subdirectory listed it.
+    (A plain class: ``typing.NamedTuple`` would cost every CGI process its import.)"""
+
+    __slots__ = ("subdir", "sid", "stamp", "clear", "has_lock", "has_spare")
+
+    def __init__(
+        self,
+        subdir: str,
+        sid: str,
+        stamp: tuple[int, int],  # inode, mtime (ns) of the session file that was read
+        clear: bool,  # expired before the sweep by more than _UNLOCKED_MARGIN
+        has_lock: bool,
+        has_spare: bool,
+    ) -> None:
+        self.subdir = subdir
+        self.sid = sid
+        self.stamp = stamp
+        self.clear = clear
+        self.has_lock = has_lock
+        self.has_spare = has_spare
 
 
 class _FileLock(SessionLock):
@@ -403,10 +426,13 @@ class FileStore(SessionStore):
         number of sessions removed.
 
         Reads only headers and mtimes (never unpickles); a session locked by a request
-        is skipped. One sweeper at a time per directory (others return 0 at once). The
-        two-character subdirectories are shared among *sweep_threads* threads (the work
-        is system calls, which release the GIL); the first error raised in any of them
-        is raised here, once the others have stopped.
+        is skipped. One sweeper at a time per directory (others return 0 at once).
+
+        This thread surveys the two-character subdirectories one by one (listing, header
+        reads: short system calls, where a second thread would only fight for the GIL);
+        with *sweep_threads* > 1, that many threads remove what it found expired (each
+        removal is a few long system calls, which release the GIL). The first error in
+        any of them is raised here, once the others have stopped.
         """
         try:
             guard = os.open(
@@ -429,21 +455,33 @@ class FileStore(SessionStore):
                 subdirs = [
                     e.path for e in listing if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
                 ]
-            threads = min(self._sweep_threads, len(subdirs))
-            if threads <= 1:
-                return sum(self._sweep_subdir(subdir, now) for subdir in subdirs)
-            # Imported here: a CGI process never sweeps, and this import costs it start-up.
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads, thread_name_prefix="pyserv-sweep") as pool:
-                futures = [pool.submit(self._sweep_subdir, subdir, now) for subdir in subdirs]
-                try:
-                    return sum(future.result() for future in futures)
-                finally:
-                    for future in futures:
-                        future.cancel()  # after an error: the subdirectories not yet begun
+            if self._sweep_threads == 1:
+                return sum(self._remove_expired(self._survey(d, now), now) for d in subdirs)
+            return self._sweep_with_removers(subdirs, now)
         finally:
             os.close(guard)
+
+    def _sweep_with_removers(self, subdirs: list[str], now: float) -> int:
+        # Imported here: a CGI process never sweeps, and these imports cost it start-up.
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        failed = threading.Event()
+        with ThreadPoolExecutor(self._sweep_threads, thread_name_prefix="pyserv-sweep") as pool:
+            futures = []
+            try:
+                for subdir in subdirs:
+                    if failed.is_set():
+                        break  # raised below
+                    expired = self._survey(subdir, now)
+                    if expired:
+                        future = pool.submit(self._remove_expired, expired, now)
+                        future.add_done_callback(lambda f: f.exception() and failed.set())
+                        futures.append(future)
+                return sum(future.result() for future in futures)
+            finally:
+                for future in futures:
+                    future.cancel()  # after an error: the removals not yet begun
 
     def count(self) -> int:
         """Session files on disk, by name only (no stat, no read): cheap even at 1M."""
@@ -459,14 +497,17 @@ class FileStore(SessionStore):
                 continue
         return total
 
-    def _sweep_subdir(self, subdir: str, now: float) -> int:
-        """Sweep one subdirectory, from one complete listing of it (which
-        :meth:`_remove_if_expired` relies on, and which spares a ``stat`` per file)."""
+    def _survey(self, subdir: str, now: float) -> list[_Expired]:
+        """The sessions of *subdir* expired at *now*, from one complete listing of it
+        (which :meth:`_remove_one` relies on, and which spares a ``stat`` per file);
+        stale temp files, orphan spares and orphan lock files are removed on the way."""
         try:
             with os.scandir(subdir) as listing:
                 entries = list(listing)
         except FileNotFoundError:
-            return 0
+            return []
+        # Sessions past expiry by this much are not even near the edge for a request.
+        clear_of_requests = min(now, time.time()) - _UNLOCKED_MARGIN
         sessions: list[str] = []
         locks: set[str] = set()
         spares: set[str] = set()
@@ -481,17 +522,26 @@ class FileStore(SessionStore):
                 spares.add(name[: -len(SPARE_SUFFIX)])
             elif name.endswith(TEMP_SUFFIX):
                 temps.append(entry)
-        # Sessions past expiry by this much are not even near the edge for a request.
-        clear_of_requests = min(now, time.time()) - _UNLOCKED_MARGIN
-        removed = 0
+        expired = []
         for sid in sessions:
-            if valid_session_id(sid):
-                try:
-                    removed += self._remove_if_expired(
-                        subdir, sid, now, clear_of_requests, sid in locks, sid in spares
+            if not valid_session_id(sid):
+                continue
+            try:
+                stamp = self._expired_stamp(os.path.join(subdir, sid + DATA_SUFFIX), now)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile
+            if stamp is not None:
+                ino, mtime_ns, expired_at = stamp
+                expired.append(
+                    _Expired(
+                        subdir,
+                        sid,
+                        (ino, mtime_ns),
+                        expired_at < clear_of_requests,
+                        sid in locks,
+                        sid in spares,
                     )
-                except FileNotFoundError:
-                    continue  # removed by someone else meanwhile
+                )
         listed = set(sessions)
         for entry in temps:
             try:
@@ -518,6 +568,17 @@ class FileStore(SessionStore):
                     self._remove_orphan_lock(os.path.join(subdir, sid + LOCK_SUFFIX))
                 except FileNotFoundError:
                     continue
+        return expired
+
+    def _remove_expired(self, expired: list[_Expired], now: float) -> int:
+        """Remove the sessions :meth:`_survey` found expired, as :meth:`_remove_one`
+        allows; return how many this call removed."""
+        removed = 0
+        for session in expired:
+            try:
+                removed += self._remove_one(session, now)
+            except FileNotFoundError:
+                continue  # removed by someone else meanwhile
         return removed
 
     @staticmethod
@@ -538,18 +599,10 @@ class FileStore(SessionStore):
         expires = stat.st_mtime + header.idle_timeout
         return (stat.st_ino, stat.st_mtime_ns, expires) if now > expires else None
 
-    def _remove_if_expired(
-        self,
-        subdir: str,
-        sid: str,
-        now: float,
-        clear_of_requests: float,
-        has_lock: bool,
-        has_spare: bool,
-    ) -> int:
-        """Remove the session *sid* if it is expired at *now* and no request holds it;
-        *has_lock* and *has_spare*: the subdirectory's listing (taken after *now*) had
-        its lock file, its spare. Returns 1 if this call removed the session file.
+    def _remove_one(self, session: _Expired, now: float) -> int:
+        """Remove the expired *session* unless a request holds it; return 1 if this call
+        removed its file. *has_lock*, *has_spare*: the subdirectory's listing (taken
+        after *now*) had its lock file, its spare; *stamp*: the file that was read.
 
         With a lock file, the session is removed under its flock (taken without waiting:
         a request holding it is using it, so it is not idle), and only if its file is
@@ -562,26 +615,23 @@ class FileStore(SessionStore):
         file listed (a lock file is never removed while its session file exists, except
         with it by ``delete``); one that locks later created or opened the lock file
         after the listing, hence after *now*, and so finds the session expired, if the
-        clock reads later than *now*. That holds when the session expired before
-        *clear_of_requests*, the earlier of *now* and the clock at the listing, less a
-        margin that covers the clock being stepped back; a session nearer its expiry is
+        clock reads later than *now*. That holds when the session expired before the
+        earlier of *now* and the clock at the listing, less a margin that covers the
+        clock being stepped back (then it is *clear*); a session nearer its expiry is
         moved aside first (a request arriving then finds no session), and put back for
         the locked way if a lock file appeared meanwhile.
         """
-        data_path = os.path.join(subdir, sid + DATA_SUFFIX)
-        stamp = self._expired_stamp(data_path, now)
-        if stamp is None:
-            return 0
-        ino, mtime_ns, expired_at = stamp
-        if has_lock:
-            return self._remove_locked(subdir, sid, (ino, mtime_ns), has_spare)
-        if expired_at >= clear_of_requests:
+        subdir, sid = session.subdir, session.sid
+        if session.has_lock:
+            return self._remove_locked(subdir, sid, session.stamp, session.has_spare)
+        if not session.clear:
             return self._remove_unlocked_carefully(subdir, sid, now)
+        data_path = os.path.join(subdir, sid + DATA_SUFFIX)
         try:
             os.unlink(data_path)
         except FileNotFoundError:
             return 0  # a request found it expired and removed it first
-        if has_spare:
+        if session.has_spare:
             _unlink_quietly(_spare_path(data_path))
         return 1
 
