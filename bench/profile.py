@@ -7,7 +7,7 @@ the application's user and system CPU per request (from /proc), then shares of t
 samples: where threads run (CPU) and where they wait (latency).
 
 py-spy's own idle detection does not work everywhere (on this project's VMs a thread
-blocked in C, in ``SimpleQueue.get`` or ``epoll``, is reported as running), so a sample
+blocked in C, on a lock or in ``epoll``, is reported as running), so a sample
 counts as waiting when its innermost Python frame is one of :data:`WAIT_SITES`, functions
 whose only slow step is a blocking call. Time in system calls that release the GIL
 (``open``, ``rename``) stays in the CPU share, under the function that made the call.
@@ -39,7 +39,7 @@ _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 # (function, file) whose time, as the innermost Python frame, is waiting.
 WAIT_SITES = frozenset(
     {
-        ("FastCGIServer._work", "container/fcgi.py"),  # SimpleQueue.get: no request yet
+        ("FastCGIServer._work", "container/fcgi.py"),  # its slot's lock: no request yet
         ("EpollSelector.select", "selectors.py"),  # the I/O thread between events
         ("Arbiter._read_signals", "container/arbiter.py"),  # the master's select()
         ("Condition.wait", "threading.py"),

@@ -116,6 +116,20 @@ def _canned(status: str, text: str, extra: str = "") -> bytes:
 _serving = threading.local()  # .connection: the connection a pool thread is running
 
 
+class _PoolSlot:
+    """One pool thread's hand-off: the I/O thread sets ``connection`` and releases
+    ``wake``, which wakes that thread alone. (A queue shared by every idle thread wakes
+    a second waiter on each hand-off, only for it to go back to sleep: two more thread
+    switches and GIL hand-offs per request.) ``connection`` None means: stop."""
+
+    __slots__ = ("wake", "connection")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()  # held until there is work
+        self.connection: _Connection | None = None
+
+
 def _streaming_flushes(app: WSGIApp) -> WSGIApp:
     """*app*, whose WSGI ``write`` calls (streamed output) are sent at once; a returned
     body goes out with the end of the response (see :meth:`_Connection.writeRecord`)."""
@@ -214,7 +228,9 @@ class _Connection(fcgi_base.Connection):
         Raises EOFError when the peer closed, ProtocolError on malformed input.
         """
         try:
-            data = self._sock.recv(_RECV_BYTES, socket.MSG_DONTWAIT)
+            # os.read, not recv: a socket with a timeout polls before every recv, one
+            # more system call (and GIL release) per request; the fd is non-blocking.
+            data = os.read(self._sock.fileno(), _RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -377,8 +393,16 @@ class _Connection(fcgi_base.Connection):
                 self._send_held()
 
     def _send_held(self) -> None:
+        """Send the queue: first straight to the (non-blocking) fd, which takes a whole
+        response unless the peer is slow; ``sendall`` (bounded by the socket's timeout)
+        sends what is left. ``sendall`` alone polls before every send."""
         data, self._held = self._held, b""
-        self._sock.sendall(data)
+        try:
+            sent = os.write(self._sock.fileno(), data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(data):
+            self._sock.sendall(memoryview(data)[sent:])
 
     def answer(self, request: Any, status: str, text: str, extra: str = "") -> None:
         """Answer *request* with a small error response and end it (I/O thread)."""
@@ -525,7 +549,11 @@ class FastCGIServer:
         self._channel = channel
         self.limits = limits or TransportLimits()
         self._selector = selectors.DefaultSelector()
-        self._ready: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
+        # Idle pool threads, most recently idle last (it is handed the next request: its
+        # stack and caches are warm). Appended by pool threads, popped by the I/O thread.
+        self._idle: list[_PoolSlot] = []
+        self._idle_lock = threading.Lock()  # orders a thread's return against stopping
+        self._stopped = False
         self._returned: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
         self._waiting: collections.deque[tuple[_Connection, float]] = collections.deque()
         self._dispatched: set[_Connection] = set()
@@ -537,9 +565,11 @@ class FastCGIServer:
         self._next_refusal_log = 0.0
         self._next_deadline_check = 0.0
         self._doomed = False  # a request outlived request_timeout: the master replaces us
+        self._slots = [_PoolSlot() for _ in range(threads)]
+        self._idle = list(self._slots)
         self._threads = [
-            threading.Thread(target=self._work, name=f"pyserv-{n}", daemon=True)
-            for n in range(threads)
+            threading.Thread(target=self._work, args=(slot,), name=f"pyserv-{n}", daemon=True)
+            for n, slot in enumerate(self._slots)
         ]
 
     @property
@@ -674,12 +704,14 @@ class FastCGIServer:
         return True
 
     def _dispatch_waiting(self) -> None:
-        while self._waiting and self._active < len(self._threads):
+        while self._waiting and self._idle:
             connection, _ = self._waiting.popleft()
             with self._active_lock:
                 self._active += 1
             self._dispatched.add(connection)
-            self._ready.put(connection)
+            slot = self._idle.pop()
+            slot.connection = connection
+            slot.wake.release()
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -736,9 +768,10 @@ class FastCGIServer:
         else:
             self._watch(connection)
 
-    def _work(self) -> None:
+    def _work(self, slot: _PoolSlot) -> None:
         while True:
-            connection = self._ready.get()
+            slot.wake.acquire()  # until the I/O thread hands this thread a request
+            connection, slot.connection = slot.connection, None
             if connection is None:
                 return
             try:
@@ -749,15 +782,22 @@ class FastCGIServer:
             finally:
                 with self._active_lock:
                     self._active -= 1
+                with self._idle_lock:
+                    stopped = self._stopped
+                    if not stopped:  # idle before the wake-up, so it can be handed work
+                        self._idle.append(slot)
                 self._returned.put(connection)
                 if not self._wake_pending:  # one wake-up takes back every returned one
                     self._wake_pending = True
                     self.wake()
+            if stopped:
+                return
 
     def _drain_wake_pipe(self) -> None:
+        # One read: wake-ups are single bytes, rarely more than one pending; if more than
+        # this were, the pipe stays readable and the next select drains the rest.
         try:
-            while os.read(self._wake_read, 4096):
-                pass
+            os.read(self._wake_read, 4096)
         except BlockingIOError:
             pass
         # After draining (a byte written meanwhile is gone): a connection returned
@@ -813,6 +853,9 @@ class FastCGIServer:
             if isinstance(key.fileobj, _Connection):
                 self._selector.unregister(key.fileobj)
                 key.fileobj.close(drain=False)
-        for _ in self._threads:
-            self._ready.put(None)
+        with self._idle_lock:
+            self._stopped = True  # a busy thread ends after its request
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.wake.release()  # connection None: stop
         return busy
