@@ -549,6 +549,9 @@ class FastCGIServer:
         self._channel = channel
         self.limits = limits or TransportLimits()
         self._selector = selectors.DefaultSelector()
+        # Pool threads register their connection again themselves (see _rewatch): held
+        # by them for that, and by the I/O thread while it walks the selector's map.
+        self._selector_lock = threading.Lock()
         # Idle pool threads, most recently idle last (it is handed the next request: its
         # stack and caches are warm). Appended by pool threads, popped by the I/O thread.
         self._idle: list[_PoolSlot] = []
@@ -579,11 +582,13 @@ class FastCGIServer:
 
     @property
     def connections(self) -> int:
-        return (
-            len(self._dispatched)
-            + len(self._waiting)
-            + sum(isinstance(key.fileobj, _Connection) for key in self._selector.get_map().values())
-        )
+        return len(self._dispatched) + len(self._waiting) + len(self._watched())
+
+    def _watched(self) -> list[_Connection]:
+        """The connections the selector watches now (a copy: pool threads add to it)."""
+        with self._selector_lock:
+            keys = list(self._selector.get_map().values())
+        return [key.fileobj for key in keys if isinstance(key.fileobj, _Connection)]
 
     def wake(self) -> None:
         """Make the I/O loop look at its stop event now (safe from a signal handler)."""
@@ -730,11 +735,9 @@ class FastCGIServer:
                 "Retry-After: 1\r\n",
             )
             self._back_to_idle(connection)
-        for key in list(self._selector.get_map().values()):
-            connection = key.fileobj
+        for connection in self._watched():
             if (
-                isinstance(connection, _Connection)
-                and connection.partial_since
+                connection.partial_since
                 and now - connection.partial_since > self.limits.read_timeout
             ):
                 log.warning(
@@ -786,12 +789,41 @@ class FastCGIServer:
                     stopped = self._stopped
                     if not stopped:  # idle before the wake-up, so it can be handed work
                         self._idle.append(slot)
-                self._returned.put(connection)
-                if not self._wake_pending:  # one wake-up takes back every returned one
-                    self._wake_pending = True
+                rewatched = not stopped and self._rewatch(connection)
+                if not rewatched:
+                    self._returned.put(connection)
+                # Requests waiting for a thread: wake the I/O thread to hand one to this
+                # thread. (It queues a request, then looks for an idle thread; this thread
+                # became idle, then looks at the queue: one of the two sees the other.)
+                if (not rewatched or self._waiting) and not self._wake_pending:
+                    self._wake_pending = True  # one wake-up serves every returned thread
                     self.wake()
             if stopped:
                 return
+
+    def _rewatch(self, connection: _Connection) -> bool:
+        """Watch *connection* again from its pool thread once its request is done, so
+        that the I/O thread need not be woken for it: a wake-up costs a pipe write and
+        read, a pass of the loop and a GIL hand-off per request. Only in the common
+        case: what is buffered (the request's empty STDIN record) holds no next request.
+        Else (a next request, malformed input, closed) return False, and
+        :meth:`_back_to_idle` takes it back in the I/O thread."""
+        if connection.closed:
+            return False
+        try:
+            connection.parse()  # this thread still owns it
+        except ProtocolError:
+            return False  # _back_to_idle logs it and closes
+        if connection.ready is not None:
+            return False  # queued for a thread by the I/O thread
+        try:
+            with self._selector_lock:
+                self._dispatched.discard(connection)
+                self._watch(connection)
+        except Exception:
+            log.exception("FastCGI connection failed after its request: closed")
+            connection.close(drain=False)
+        return True
 
     def _drain_wake_pipe(self) -> None:
         # One read: wake-ups are single bytes, rarely more than one pending; if more than
@@ -817,11 +849,7 @@ class FastCGIServer:
 
     def _release_idle(self) -> None:
         """Hand idle connections to the master (or close them if there is no channel)."""
-        idle = [
-            key.fileobj
-            for key in list(self._selector.get_map().values())
-            if isinstance(key.fileobj, _Connection) and key.fileobj.idle
-        ]
+        idle = [connection for connection in self._watched() if connection.idle]
         for connection in idle:
             self._selector.unregister(connection)
         if self._channel is None:
@@ -849,10 +877,9 @@ class FastCGIServer:
                 break
             self._loop_once(0.02)
         busy = self._active
-        for key in list(self._selector.get_map().values()):
-            if isinstance(key.fileobj, _Connection):
-                self._selector.unregister(key.fileobj)
-                key.fileobj.close(drain=False)
+        for connection in self._watched():
+            self._selector.unregister(connection)
+            connection.close(drain=False)
         with self._idle_lock:
             self._stopped = True  # a busy thread ends after its request
             idle, self._idle = self._idle, []

@@ -108,6 +108,51 @@ def test_a_normal_request_through_the_raw_client(daemon: Pyservd) -> None:
     assert first.body == b"big=0 ok=True body=0\n"
 
 
+def test_pipelined_requests_on_one_connection_are_each_answered(daemon: Pyservd) -> None:
+    client = FastCGIClient(str(daemon.socket))
+    try:
+        # The second request is buffered while the first runs: the I/O thread takes the
+        # connection back and queues it; the third comes after, on the watched connection.
+        client.send(
+            request_bytes(cgi_params("/testapp/Sleep", QUERY_STRING="seconds=0.2"), request_id=1)
+            + request_bytes(cgi_params("/testapp/Echo"), request_id=2)
+        )
+        first, second = client.read_response(), client.read_response()
+        third = client.request(cgi_params("/testapp/Echo"), request_id=3)
+    finally:
+        client.close()
+    assert (first.status, second.status, third.status) == (200, 200, 200)
+    assert (first.body, second.body) == (b"slept\n", b"big=0 ok=True body=0\n")
+
+
+def test_more_kept_alive_connections_than_threads_are_all_served(daemon: Pyservd) -> None:
+    """6 connections, 2 threads: requests queue for a thread that a finished one frees."""
+    baseline = worker_usage(daemon)
+    statuses: list[int] = []
+    errors: list[BaseException] = []
+
+    def client_run() -> None:
+        try:
+            client = FastCGIClient(str(daemon.socket))
+            try:
+                for n in range(1, 6):
+                    params = cgi_params("/testapp/Sleep", QUERY_STRING="seconds=0.01")
+                    statuses.append(client.request(params, request_id=n).status)
+            finally:
+                client.close()
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_run) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60.0)
+    assert not errors
+    assert statuses == [200] * 30
+    settles_at(daemon, baseline)
+
+
 @pytest.mark.parametrize(
     ("name", "data"),
     [
