@@ -8,7 +8,6 @@ functions, constants, imported classes, ``_private``, ``__class__`` — is not f
 
 from __future__ import annotations
 
-import re
 import threading
 from types import ModuleType
 
@@ -19,7 +18,16 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI star
 if TYPE_CHECKING:
     from typing import Any
 
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_NAME_CHARS = _LETTERS | frozenset("0123456789_")
+
+
+def _servlet_name(name: str) -> bool:
+    """An ASCII identifier (a letter, then letters, digits, underscores): no dots, no
+    dunders first. Sets, not a regex: a CGI process need not import ``re``."""
+    return name[:1] in _LETTERS and _NAME_CHARS.issuperset(name)
+
+
 _SESSION_ATTRIBUTE = SessionAttribute()
 _MISSING = object()
 
@@ -39,7 +47,7 @@ class Dispatcher:
         self._allowed = getattr(module, "__servlets__", None)
 
     def servlet_class(self, name: str) -> type | None:
-        if not _NAME.match(name):
+        if not _servlet_name(name):
             return None
         if self._allowed is not None and name not in self._allowed:
             return None

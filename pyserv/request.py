@@ -11,7 +11,6 @@ string, or anything malformed, undecodable or shorter than its Content-Length.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping
 
 from .errors import BadRequestKeyError, HTTPError
@@ -21,7 +20,13 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (CGI star
 if TYPE_CHECKING:
     from typing import IO, Any
 
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}\Z")
+
+def _valid_content_length(raw: str) -> bool:
+    """1 to 18 ASCII digits (what fits an int64). String methods, not a regex: a CGI
+    process that never imports ``re`` saves a few milliseconds."""
+    return len(raw) <= 18 and raw.isascii() and raw.isdigit()
+
+
 _CHUNK = 64 * 1024
 
 
@@ -70,7 +75,7 @@ def check_limits(environ: Mapping[str, Any], limits: RequestLimits) -> None:
     if _field_count(query_string) > limits.max_params:
         raise HTTPError(400, f"more than {limits.max_params} parameters")
     raw = environ.get("CONTENT_LENGTH") or ""
-    if raw and not _CONTENT_LENGTH.match(raw):
+    if raw and not _valid_content_length(raw):
         raise HTTPError(400, "malformed Content-Length")
     if raw and int(raw) > limits.max_body:
         raise HTTPError(413, f"request body over {limits.max_body} bytes")
@@ -184,7 +189,7 @@ class BodyStream:
 
     def __init__(self, environ: Mapping[str, Any], limit: int) -> None:
         raw = environ.get("CONTENT_LENGTH") or ""
-        if raw and not _CONTENT_LENGTH.match(raw):
+        if raw and not _valid_content_length(raw):
             raise HTTPError(400, "malformed Content-Length")
         self._input: IO[bytes] | None = environ.get("wsgi.input")
         self._limit = limit

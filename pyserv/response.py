@@ -8,7 +8,6 @@ traceback points at the servlet line that did it and nothing bad reaches the wir
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 
@@ -20,23 +19,30 @@ if TYPE_CHECKING:
 
     Body = Union[str, bytes, bytearray, memoryview]
 
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_FORBIDDEN_IN_VALUE = re.compile(r"[\r\n\0]")
+# Character sets, not regexes: a CGI process that never imports re saves a few ms.
+# RFC 9110 token characters.
+_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # RFC 6265 cookie-octet: no CTLs, whitespace, DQUOTE, comma, semicolon or backslash.
-_COOKIE_VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*\Z")
-_COOKIE_ATTRIBUTE = re.compile(r"[\x20-\x3a\x3c-\x7e]*\Z")
+_COOKIE_VALUE = frozenset(map(chr, range(0x21, 0x7F))) - frozenset('",;\\')
+# Path and Domain: printable ASCII and space, no semicolon.
+_COOKIE_ATTRIBUTE = frozenset(map(chr, range(0x20, 0x7F))) - {";"}
+
 MAX_COOKIE_BYTES = 4096
 
 DEFAULT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 
+def _is_token(text: str) -> bool:
+    return text != "" and _TOKEN.issuperset(text)
+
+
 def check_header(name: str, value: str) -> None:
     """Raise ValueError unless *name* is a token and *value* is safe latin-1 text."""
-    if not isinstance(name, str) or not _TOKEN.match(name):
+    if not isinstance(name, str) or not _is_token(name):
         raise ValueError(f"invalid response header name {name!r}")
     if not isinstance(value, str):
         raise TypeError(f"response header {name!r}: value must be str, not {type(value).__name__}")
-    if _FORBIDDEN_IN_VALUE.search(value):
+    if "\r" in value or "\n" in value or "\0" in value:
         raise ValueError(f"response header {name!r}: value contains CR, LF or NUL")
     try:
         value.encode("latin-1")
@@ -214,9 +220,9 @@ class Response:
         *expires* is a Unix time; *max_age* also sets Expires for old clients.
         Raises ValueError for a value that is not a valid cookie or a cookie over 4 KiB.
         """
-        if not _TOKEN.match(name):
+        if not _is_token(name):
             raise ValueError(f"invalid cookie name {name!r}")
-        if not _COOKIE_VALUE.match(value):
+        if not _COOKIE_VALUE.issuperset(value):
             raise ValueError(f"cookie {name!r}: value has characters not allowed in a cookie")
         parts = [f"{name}={value}"]
         if max_age is not None:
@@ -228,7 +234,7 @@ class Response:
             parts.append(f"Expires={formatdate(expires, usegmt=True)}")
         for attribute, text in (("Path", path), ("Domain", domain)):
             if text is not None:
-                if not _COOKIE_ATTRIBUTE.match(text):
+                if not _COOKIE_ATTRIBUTE.issuperset(text):
                     raise ValueError(f"cookie {name!r}: invalid {attribute} {text!r}")
                 parts.append(f"{attribute}={text}")
         if secure:

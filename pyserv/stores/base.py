@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle
-import re
 import struct
 from abc import ABC, abstractmethod
 
@@ -45,7 +44,8 @@ _PICKLE_PROTOCOL = 4
 
 log = LazyLogger("pyserv.error")
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}\Z")
+# The URL-safe base64 alphabet; a set, not a regex, so that a CGI process need not import re.
+_SESSION_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def new_session_id() -> str:
@@ -57,7 +57,7 @@ def new_session_id() -> str:
 
 def valid_session_id(sid: object) -> bool:
     """True if *sid* has the exact shape of our ids; check before any store access."""
-    return isinstance(sid, str) and _SESSION_ID.match(sid) is not None
+    return isinstance(sid, str) and len(sid) == 43 and _SESSION_ID_CHARS.issuperset(sid)
 
 
 class StoreError(Exception):
