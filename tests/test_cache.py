@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
 import time
 
 import pytest
 
 from container.cache import CachedStore
+from pyserv.stores import base
 from pyserv.stores.base import Envelope, SessionConflict, SessionRecord, new_session_id
 from pyserv.stores.file import FileStore
 
@@ -30,8 +30,10 @@ def test_a_current_cached_session_is_served_without_unpickling(tmp_path, monkeyp
     cached, _ = stores(tmp_path)
     stored = cached.save(new_record({"visits": 1}), time.time())
     calls = []
-    real_loads = pickle.loads
-    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(1) or real_loads(*a, **k))
+    real_loads = base.pickle.loads  # what the envelope unpickles with
+    monkeypatch.setattr(
+        base.pickle, "loads", lambda *a, **k: calls.append(1) or real_loads(*a, **k)
+    )
     lock = cached.lock(stored.sid, 1)
     record = cached.load(stored.sid)
     lock.release()

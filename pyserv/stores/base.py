@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import pickle
 import struct
 from abc import ABC, abstractmethod
+
+try:  # pickle.py's own dumps/loads are these; pickle.py also imports re (~4 ms for CGI)
+    import _pickle as pickle
+except ImportError:  # an interpreter without the C accelerator
+    import pickle  # type: ignore[no-redef]
 
 from ..errors import LazyLogger
 
