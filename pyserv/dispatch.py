@@ -8,7 +8,7 @@ functions, constants, imported classes, ``_private``, ``__class__`` — is not f
 
 from __future__ import annotations
 
-import threading
+from _thread import allocate_lock  # threading.Lock, without importing threading (CGI)
 from types import ModuleType
 
 from .servlet import ServletContext
@@ -43,7 +43,7 @@ class Dispatcher:
         self.module = module
         self.context = context
         self._instances: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._lock = allocate_lock()
         self._allowed = getattr(module, "__servlets__", None)
 
     def servlet_class(self, name: str) -> type | None:

@@ -22,8 +22,8 @@ working.
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
+from _thread import allocate_lock  # threading.Lock, without importing threading (CGI)
 from collections.abc import Iterator, MutableMapping
 
 from .errors import HTTPError, LazyLogger
@@ -148,7 +148,7 @@ class SessionCounter:
     def __init__(self, store: SessionStore, ttl: float = COUNT_TTL) -> None:
         self._store = store
         self._ttl = ttl
-        self._guard = threading.Lock()
+        self._guard = allocate_lock()
         self._counted = 0
         self._created = 0  # by this process since the last count
         self._counted_at: float | None = None  # monotonic

@@ -6,19 +6,19 @@ only one thread per process polls for a busy session and the others wait in line
 
 from __future__ import annotations
 
-import threading
+from _thread import allocate_lock  # threading.Lock, without importing threading (CGI)
 
 
 class KeyedLocks:
     """Per-key thread locks that exist only while someone holds or waits for them."""
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
+        self._guard = allocate_lock()
         self._entries: dict[str, list] = {}  # key -> [lock, holders + waiters]
 
     def acquire(self, key: str, timeout: float) -> bool:
         with self._guard:
-            entry = self._entries.setdefault(key, [threading.Lock(), 0])
+            entry = self._entries.setdefault(key, [allocate_lock(), 0])
             entry[1] += 1
         if entry[0].acquire(timeout=max(timeout, 0)):
             return True
