@@ -7,7 +7,7 @@ use, so a CGI process that only needs ``cgimain`` does not pay for the rest.
 
 from __future__ import annotations
 
-from importlib import import_module
+import sys
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,8 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'pyserv' has no attribute {name!r}")
-    value = getattr(import_module(f".{module}", __name__), name)
+    qualified = f"{__name__}.{module}"
+    __import__(qualified)  # not importlib.import_module: importlib costs CGI its import
+    value = getattr(sys.modules[qualified], name)
     globals()[name] = value
     return value

@@ -13,9 +13,9 @@ the ``pyserv.error`` log with that id.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import os
+import sys
 import time
 from collections.abc import Iterable
 from types import ModuleType
@@ -163,7 +163,7 @@ class Application:
         module: ModuleType | None = None,
     ) -> None:
         self.settings = settings
-        self.module = module or importlib.import_module(settings.module)
+        self.module = module or _import(settings.module)
         self.context = ServletContext(
             app_name=settings.name,
             mount=settings.mount or "",
@@ -309,3 +309,10 @@ class Application:
     def close(self) -> None:
         """Call every servlet's ``destroy()``; a daemon calls this at shutdown."""
         self.dispatcher.destroy_all()
+
+
+def _import(name: str) -> ModuleType:
+    """``importlib.import_module(name)`` for an absolute name, without importing importlib
+    (and warnings with it): a CGI process pays for every module it loads."""
+    __import__(name)
+    return sys.modules[name]
