@@ -20,8 +20,10 @@ field existed (magic "PSV1", no ``new_timeout``) are still read.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import hmac
+import os
 import struct
 from abc import ABC, abstractmethod
 
@@ -48,15 +50,20 @@ _PICKLE_PROTOCOL = 4
 
 log = LazyLogger("pyserv.error")
 
+_URLSAFE_BASE64 = bytes.maketrans(b"+/", b"-_")  # as base64.urlsafe_b64encode
 # The URL-safe base64 alphabet; a set, not a regex, so that a CGI process need not import re.
 _SESSION_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
 def new_session_id() -> str:
-    """256 random bits, URL-safe: the only way a session id comes into being."""
-    import secrets  # only for a new session: a CGI request with a cookie skips the import
+    """256 random bits, URL-safe: the only way a session id comes into being.
 
-    return secrets.token_urlsafe(32)
+    What ``secrets.token_urlsafe(32)`` returns (os.urandom, URL-safe base64, no padding),
+    built from binascii: secrets also imports random and base64 (and with it re), several
+    ms of a CGI request that creates a session.
+    """
+    encoded = binascii.b2a_base64(os.urandom(32), newline=False)
+    return encoded.translate(_URLSAFE_BASE64).rstrip(b"=").decode("ascii")
 
 
 def valid_session_id(sid: object) -> bool:
