@@ -120,3 +120,80 @@ def test_cgimain_limits_apply_before_the_servlet_runs(script):
         script, "Untouched", stdin=b"x" * 2000, REQUEST_METHOD="POST", CONTENT_LENGTH="2000"
     )
     assert status == 413
+
+
+# A CGI process pays for every module it imports, on every request: none of these is
+# needed to serve a session request (re, secrets' random, logging...). hashlib and hmac
+# are (with warnings, which hmac imports on some versions): the envelope's HMAC-SHA256
+# is the standard library's, OpenSSL and all.
+NOT_ON_THE_CGI_PATH = (
+    "base64",
+    "dataclasses",
+    "email",
+    "enum",
+    "http",
+    "importlib",
+    "inspect",
+    "logging",
+    "pickle",
+    "random",
+    "re",
+    "secrets",
+    "threading",
+    "traceback",
+    "typing",
+    "urllib",
+    "wsgiref",
+)
+
+DIET_SERVLETS = """
+class Count:
+    def run(self, request, response):
+        visits = self.session.get("visits", 0)
+        self.session["visits"] = visits + 1
+        response.write(f"{visits} previous visits\\n")
+"""
+
+DIET_SCRIPT = """
+import sys
+before = set(sys.modules)
+sys.path[:0] = [{repo!r}, {apps!r}]
+import pyserv
+pyserv.cgimain({sessions!r}, "diet_servlets")
+sys.stderr.write(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_session_request_imports_nothing_it_does_not_need(tmp_path):
+    (tmp_path / "diet_servlets.py").write_text(DIET_SERVLETS)
+    script = tmp_path / "diet.cgi"
+    script.write_text(
+        DIET_SCRIPT.format(repo=str(REPO), apps=str(tmp_path), sessions=str(tmp_path / "s"))
+    )
+
+    def imported(cookie: str = "") -> tuple[bytes, set[str]]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "REQUEST_METHOD": "GET",
+            "SCRIPT_NAME": "/cgi-bin/diet.cgi",
+            "PATH_INFO": "/Count",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "80",
+            "HTTP_COOKIE": cookie,
+        }
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, timeout=20
+        )
+        assert result.returncode == 0, result.stderr
+        modules = set(result.stderr.decode().split())
+        return result.stdout, {name.partition(".")[0] for name in modules}
+
+    imported()  # creates the secret (once per deployment: that may import more)
+    first, new_session_modules = imported()
+    cookie = re.search(rb"PYSERVSID=([^;\s]+)", first).group(1).decode()
+    second, session_modules = imported(f"PYSERVSID={cookie}")
+
+    assert b"0 previous visits" in first and b"1 previous visits" in second
+    assert not new_session_modules & set(NOT_ON_THE_CGI_PATH)
+    assert not session_modules & set(NOT_ON_THE_CGI_PATH)
