@@ -236,7 +236,11 @@ def _method(results: Results) -> list[str]:
                 "on demand). Latency percentiles are wrk's (``--latency``).",
                 "pyservd runs with the settings of conf/pyservd.conf (workers, threads, "
                 "session cache) behind the shipped conf/apache-proxy-fcgi.conf; each variant "
-                "changes one thing. mod_fcgid runs it with conf/apache-fcgid.conf. The counter "
+                "changes one thing. mod_fcgid runs it with conf/apache-fcgid.conf, whose "
+                "FcgidMaxProcessesPerClass 4 is fewer than 16 connections: mod_fcgid sends "
+                "each process one request at a time, and a request that finds every process "
+                "busy waits, checking again once a second, which is that row's p99 (and any "
+                "timeout) at 16 connections (see the sizing note in the config). The counter "
                 "is the integration tests' servlet ``probe.Count`` (read the session, +1, "
                 "write); PyServ CGI runs examples/testapp.cgi (``TestServlet``). pyservd, "
                 "flup and the CGI scripts run on the Python given under Machine.",
