@@ -101,16 +101,27 @@ def write_password(path: Path, password: str) -> Path:
     return give_to_worker_user(path)
 
 
-def host_config(
-    work_dir: Path, port: int, store: str, secret: Path, route: str | None, password: Path
+def redis_config(
+    work_dir: Path,
+    store: str,
+    *,
+    secret: Path | None = None,
+    password: Path | None = None,
+    route: str | None = None,
+    port: int | None = None,
 ) -> Path:
+    """A pyservd config whose app keeps sessions in *store* (no session_dir), signed with
+    *secret* (hosts share one; by default a new one), on TCP *port* if given (a host)."""
+    if secret is None:
+        secret = write_secret(work_dir / "testapp.key")
+    server = {"listen": f"127.0.0.1:{port}", "socket_group": None} if port else None
     return write_config(
         work_dir,
-        server={"listen": f"127.0.0.1:{port}", "socket_group": None},
+        server=server,
         app={
             "session_dir": None,
             "session_store": store,
-            "session_store_password_file": str(password),
+            "session_store_password_file": None if password is None else str(password),
             "secret_file": str(secret),
             "session_route": route,
         },
@@ -140,7 +151,14 @@ def cluster(
         hosts = []
         for name, route in zip("ab", routes):
             port = free_port()
-            config = host_config(daemons.work_dir(), port, redis.url, secret, route, password)
+            config = redis_config(
+                daemons.work_dir(),
+                redis.url,
+                secret=secret,
+                password=password,
+                route=route,
+                port=port,
+            )
             hosts.append(Host(name, start_daemon(daemons, config), port))
         apache = apache_factory(
             BALANCER_MODULES, extra_config=balancer_apache_config([h.port for h in hosts])
@@ -318,15 +336,7 @@ def test_redis_unreachable_at_start_exits_69_naming_app_and_address(daemons) -> 
     require_redis()
     work_dir = daemons.work_dir()
     port = free_port()  # nothing listens there
-    secret = write_secret(work_dir / "testapp.key")
-    config = write_config(
-        work_dir,
-        app={
-            "session_dir": None,
-            "session_store": f"redis://127.0.0.1:{port}/0",
-            "secret_file": str(secret),
-        },
-    )
+    config = redis_config(work_dir, f"redis://127.0.0.1:{port}/0")
     daemon = daemons.start(config, wait="none")
     failure = start_up_failure(daemon, EX_UNAVAILABLE)
     assert "[app:testapp]" in failure and f"127.0.0.1:{port}" in failure, failure
@@ -341,15 +351,8 @@ def test_wrong_redis_password_exits_69_without_showing_it(daemons) -> None:
     work_dir = daemons.work_dir()
     with RedisServer(work_dir / "redis", password=secrets.token_urlsafe(16)) as redis:
         wrong = secrets.token_urlsafe(16)
-        config = write_config(
-            work_dir,
-            app={
-                "session_dir": None,
-                "session_store": redis.url,
-                "session_store_password_file": str(write_password(work_dir / "pass", wrong)),
-                "secret_file": str(write_secret(work_dir / "testapp.key")),
-            },
-        )
+        password = write_password(work_dir / "pass", wrong)
+        config = redis_config(work_dir, redis.url, password=password)
         daemon = daemons.start(config, wait="none")
         failure = start_up_failure(daemon, EX_UNAVAILABLE)
     assert "[app:testapp]" in failure and "password was refused" in failure, failure
@@ -362,15 +365,7 @@ def test_unreadable_redis_password_file_exits_78_naming_it(daemons) -> None:
     require_redis()
     work_dir = daemons.work_dir()
     missing = work_dir / "no-such.pass"
-    config = write_config(
-        work_dir,
-        app={
-            "session_dir": None,
-            "session_store": f"redis://127.0.0.1:{free_port()}/0",
-            "session_store_password_file": str(missing),
-            "secret_file": str(write_secret(work_dir / "testapp.key")),
-        },
-    )
+    config = redis_config(work_dir, f"redis://127.0.0.1:{free_port()}/0", password=missing)
     daemon = daemons.start(config, wait="none")
     failure = start_up_failure(daemon, EX_CONFIG)
     assert "session_store_password_file" in failure and str(missing) in failure, failure
