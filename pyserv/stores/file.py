@@ -616,10 +616,10 @@ class FileStore(SessionStore):
         """If the session file at *path* is expired at *now*: its inode, its mtime in ns
         and the time it expired; else None (also for a header that fails to parse, left
         for ``verify``, which quarantines)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_for_reading(path)
         try:
             stat = os.fstat(fd)
-            head = os.read(fd, HEADER_SIZE)
+            head = _read_up_to(fd, HEADER_SIZE)
         finally:
             os.close(fd)
         try:
