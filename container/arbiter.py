@@ -56,6 +56,13 @@ class _Child:
     retiring: bool = False
     kill_at: float = 0.0  # when retiring: SIGKILL if still alive then
 
+    @property
+    def heartbeat(self) -> float:
+        """Its last sign of life. Not before it started: the status fields are written
+        one after the other, so a new worker can already read READY while its first
+        heartbeat is still the zero of fresh shared memory."""
+        return max(self.status.heartbeat, self.started)
+
 
 def _describe_exit(status: int) -> str:
     if os.WIFSIGNALED(status):
@@ -398,13 +405,16 @@ class Arbiter:
             for c in self._current("fastcgi")
             if c is not sender and c.status.state == READY and c.channel is not None
         ]
-        if self._stop is None and targets:
+        unsent = fds if self._stop is None else []
+        for _ in range(len(targets)):  # round robin; a worker stopping by itself refuses
+            if not unsent:
+                break
             self._handover_turn = (self._handover_turn + 1) % len(targets)
             target = targets[self._handover_turn]
             assert target.channel is not None
-            unsent = handover.send(target.channel, fds)
-            if unsent:
-                log.warning("worker %d did not take %d connection(s)", target.pid, len(unsent))
+            unsent = handover.send(target.channel, unsent)
+        if unsent:
+            log.warning("no worker took %d handed-over connection(s): closed", len(unsent))
         handover.close_all(fds)  # the master's copies
 
     def _handle_term(self) -> None:
@@ -448,7 +458,7 @@ class Arbiter:
             return
         workers = [c for c in self._current("fastcgi") if c.status.state == READY]
         fresh = max(self._watchdog, 2.0)
-        if workers and all(now - c.status.heartbeat < fresh for c in workers):
+        if workers and all(now - c.heartbeat < fresh for c in workers):
             systemd.notify("WATCHDOG=1")
             self._next_watchdog = now + self._watchdog
 
@@ -635,7 +645,7 @@ class Arbiter:
                     timeout,
                 )
                 self._replace(child)
-            elif now - status.heartbeat > max(timeout, 10.0):
+            elif now - child.heartbeat > max(timeout, 10.0):
                 log.error("worker %d stopped responding: replacing it", child.pid)
                 self._replace(child)
 
