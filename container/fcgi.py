@@ -616,8 +616,9 @@ class FastCGIServer:
         if self._accepting:
             self._accepting = False
             self._selector.unregister(self._listener)
-        if self._channel is not None:
-            self._selector.unregister(self._channel)
+        # The channel stays watched while we drain: the master may have sent us
+        # connections just before it told us to stop, and one left unread in the channel
+        # would be closed with our process while Apache writes a request on it.
 
     def _loop_once(self, timeout: float) -> None:
         for key, _ in self._selector.select(timeout):
@@ -871,12 +872,20 @@ class FastCGIServer:
         as they go idle; return how many were still running. Call after ``serve``."""
         deadline = time.monotonic() + timeout
         while True:
+            if self._channel is not None:
+                self._adopt()  # sent before we were told to stop: pass them back on
             self._release_idle()
             pending = self._active or self._waiting or self.connections
             if not pending or time.monotonic() >= deadline:
                 break
             self._loop_once(0.02)
         busy = self._active
+        if self._channel is not None:
+            self._selector.unregister(self._channel)
+            # From now on the master's sends to us fail and it picks another worker;
+            # what it sent before is still queued: pass that back on.
+            self._channel.shutdown(socket.SHUT_RD)
+            self._hand_over(handover.receive(self._channel))
         for connection in self._watched():
             self._selector.unregister(connection)
             connection.close(drain=False)
