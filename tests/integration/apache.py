@@ -357,9 +357,25 @@ class ApacheServer:
                 http_get(self.base_url + "/", timeout=1)
             except OSError:
                 time.sleep(0.05)
-            else:
+                continue
+            if self._cgid_ready():
                 return
+            time.sleep(0.02)
         raise ApacheError(self._failure(f"Apache did not answer within {START_TIMEOUT} s"))
+
+    def _cgid_ready(self) -> bool:
+        """mod_cgid's daemon binds its socket as root and then gives it to the User: a
+        CGI request before that is refused (EACCES, a 503), so wait for the hand-over."""
+        if "cgid" not in self.modules:
+            return True
+        user = pwd.getpwnam(APACHE_USER).pw_uid if os.geteuid() == 0 else os.geteuid()
+        owners = []
+        for path in (self.work_dir / "run").glob("cgid.sock*"):  # the daemon's pid is appended
+            try:
+                owners.append(path.stat().st_uid)
+            except FileNotFoundError:
+                pass
+        return user in owners
 
     def _failure(self, what: str) -> str:
         console = (self.work_dir / "logs" / "console.log").read_text(errors="replace")
