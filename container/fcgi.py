@@ -616,9 +616,8 @@ class FastCGIServer:
         if self._accepting:
             self._accepting = False
             self._selector.unregister(self._listener)
-        # The channel stays watched while we drain: the master may have sent us
-        # connections just before it told us to stop, and one left unread in the channel
-        # would be closed with our process while Apache writes a request on it.
+        # The channel stays watched while we drain (see drain): the master may have sent
+        # us connections just before it told us to stop.
 
     def _loop_once(self, timeout: float) -> None:
         for key, _ in self._selector.select(timeout):
@@ -872,8 +871,6 @@ class FastCGIServer:
         as they go idle; return how many were still running. Call after ``serve``."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._channel is not None:
-                self._adopt()  # sent before we were told to stop: pass them back on
             self._release_idle()
             pending = self._active or self._waiting or self.connections
             if not pending or time.monotonic() >= deadline:
@@ -882,8 +879,9 @@ class FastCGIServer:
         busy = self._active
         if self._channel is not None:
             self._selector.unregister(self._channel)
-            # From now on the master's sends to us fail and it picks another worker;
-            # what it sent before is still queued: pass that back on.
+            # A connection left unread in the channel would be closed with our process
+            # while Apache writes a request on it. So: from now on the master's sends
+            # fail (it picks another worker), and what it sent before goes back to it.
             self._channel.shutdown(socket.SHUT_RD)
             self._hand_over(handover.receive(self._channel))
         for connection in self._watched():
